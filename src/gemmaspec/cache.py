@@ -1,0 +1,181 @@
+"""Preallocated KV cache with O(1) rollback.
+
+One buffer pair per cache-owning layer, allocated once per request:
+- full-attention layers hold every position up to `capacity`;
+- sliding-window layers hold a ring of `window + spec_margin` slots, so memory stays bounded by the window
+  while the last `spec_margin` positions can still be rolled back (a rejected draft) without losing keys
+  that later queries need.
+
+Rollback is a change of `length`; stale entries beyond it are masked out by position and overwritten by
+the next write. Attention masks are computed once per forward and shared by all layers of a kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PromptTooLongError
+
+
+@dataclass(frozen=True)
+class CacheLayerSpec:
+    n_kv_heads: int
+    k_dim: int
+    v_dim: int
+    window: int | None  # None: full attention
+
+
+@dataclass
+class AttentionView:
+    """What one layer attends to in the current forward: keys, values and a boolean mask [T, S] (None = all)."""
+
+    keys: torch.Tensor  # [n_kv, S, k_dim]
+    values: torch.Tensor  # [n_kv, S, v_dim]
+    mask: torch.Tensor | None
+
+
+class KVCache:
+    def __init__(
+        self,
+        specs: list[CacheLayerSpec],
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        spec_margin: int = 64,
+    ):
+        self.specs = specs
+        self.capacity = capacity
+        self.spec_margin = spec_margin
+        self.length = 0
+        self.device = torch.device(device)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.ring_size: int | None = None
+        for spec in specs:
+            size = capacity if spec.window is None else min(capacity, spec.window + spec_margin)
+            if spec.window is not None:
+                self.ring_size = size
+            self.keys.append(torch.zeros(spec.n_kv_heads, size, spec.k_dim, dtype=dtype, device=device))
+            self.values.append(torch.zeros(spec.n_kv_heads, size, spec.v_dim, dtype=dtype, device=device))
+        # Position held by each ring slot (-1 = empty); all sliding layers share one ring geometry.
+        self.slot_pos = torch.full((self.ring_size or 1,), -1, dtype=torch.long, device=device)
+        self._step: _Step | None = None
+
+    # ---- per forward -------------------------------------------------------------------------
+    def begin(self, n_new: int) -> torch.Tensor:
+        """Start a forward over n_new tokens at positions [length, length + n_new); returns the positions."""
+        start = self.length
+        if start + n_new > self.capacity:
+            raise PromptTooLongError(
+                f"sequence of {start + n_new} tokens exceeds the cache capacity of {self.capacity} tokens"
+            )
+        positions = torch.arange(start, start + n_new, device=self.device)
+        self._step = _Step(self, start, n_new, positions)
+        return positions
+
+    def end(self) -> None:
+        step = self._step
+        self.length = step.start + step.n_new
+        if self.ring_size is not None:
+            slots, pos = step.ring_slots()
+            self.slot_pos[slots] = pos
+        self._step = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> AttentionView:
+        """Store this forward's k/v [n_kv, T, d] for `layer` and return what the layer attends to."""
+        step = self._step
+        window = self.specs[layer].window
+        kbuf, vbuf = self.keys[layer], self.values[layer]
+        if window is None:
+            end = step.start + step.n_new
+            kbuf[:, step.start : end] = k
+            vbuf[:, step.start : end] = v
+            return AttentionView(kbuf[:, :end], vbuf[:, :end], step.full_mask())
+        if step.n_new <= self.ring_size - window or self.ring_size == self.capacity:
+            # Writing first is safe: the overwritten slots are older than every query's window.
+            slots, _ = step.ring_slots()
+            kbuf[:, slots] = k[:, -len(slots) :]
+            vbuf[:, slots] = v[:, -len(slots) :]
+            return AttentionView(kbuf, vbuf, step.ring_mask(window))
+        # Long forward (prefill): attend to the old ring plus the new tokens, then keep the newest.
+        keys = torch.cat([kbuf, k], dim=1)
+        values = torch.cat([vbuf, v], dim=1)
+        view = AttentionView(keys, values, step.concat_mask(window))
+        slots, _ = step.ring_slots()
+        kbuf[:, slots] = k[:, -len(slots) :]
+        vbuf[:, slots] = v[:, -len(slots) :]
+        return view
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cached keys, values and the position of each slot (read-only use, e.g. by the MTP drafter)."""
+        if self.specs[layer].window is None:
+            n = self.length
+            return self.keys[layer][:, :n], self.values[layer][:, :n], torch.arange(n, device=self.device)
+        pos = self.slot_pos.clone()
+        pos[pos >= self.length] = -1
+        return self.keys[layer], self.values[layer], pos
+
+    # ---- between forwards ------------------------------------------------------------------------
+    def rollback(self, length: int) -> None:
+        """Forget every position >= length. O(1): entries stay in place and are masked/overwritten later."""
+        if length > self.length or length < 0:
+            raise ValueError(f"cannot roll back to {length} from {self.length}")
+        wraps = self.ring_size is not None and self.ring_size < self.capacity
+        if wraps and self.length - length > self.spec_margin:
+            raise ValueError(f"rollback of {self.length - length} exceeds the sliding margin {self.spec_margin}")
+        self.length = length
+
+
+class _Step:
+    """Masks of one forward, computed lazily once per attention kind."""
+
+    def __init__(self, cache: KVCache, start: int, n_new: int, positions: torch.Tensor):
+        self.cache = cache
+        self.start = start
+        self.n_new = n_new
+        self.positions = positions
+        self._masks: dict = {}
+        self._slots = None
+
+    def ring_slots(self):
+        if self._slots is None:
+            size = self.cache.ring_size
+            pos = self.positions[-size:]
+            self._slots = (pos % size, pos)
+        return self._slots
+
+    def full_mask(self):
+        if "full" not in self._masks:
+            if self.n_new == 1:
+                self._masks["full"] = None
+            else:
+                key_pos = torch.arange(self.start + self.n_new, device=self.positions.device)
+                self._masks["full"] = key_pos[None, :] <= self.positions[:, None]
+        return self._masks["full"]
+
+    def ring_mask(self, window: int):
+        key = ("ring", window)
+        if key not in self._masks:
+            slot_pos = self.cache.slot_pos.clone()
+            stale = slot_pos >= self.start  # rolled-back entries not overwritten by this write
+            slot_pos[stale] = -1
+            slots, pos = self.ring_slots()
+            slot_pos[slots] = pos
+            self._masks[key] = _window_mask(self.positions, slot_pos, window)
+        return self._masks[key]
+
+    def concat_mask(self, window: int):
+        key = ("concat", window)
+        if key not in self._masks:
+            slot_pos = self.cache.slot_pos.clone()
+            slot_pos[slot_pos >= self.start] = -1
+            key_pos = torch.cat([slot_pos, self.positions])
+            self._masks[key] = _window_mask(self.positions, key_pos, window)
+        return self._masks[key]
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    q = q_pos[:, None]
+    return (k_pos[None, :] >= 0) & (k_pos[None, :] <= q) & (k_pos[None, :] > q - window)

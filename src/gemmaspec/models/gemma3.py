@@ -1,0 +1,219 @@
+"""Gemma 3 text decoder (model_type `gemma3_text`), lean and cache-aware.
+
+Matches transformers' Gemma3ForCausalLM: interleaved sliding/full attention layers with their own RoPE
+bases, q/k RMSNorm, four norms per block, GeGLU MLP, embeddings scaled by sqrt(hidden), tied LM head.
+For speed q/k/v and gate/up projections are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..cache import CacheLayerSpec, KVCache
+from .layers import Linear, RMSNorm, apply_rope, attend, embed_scale, gelu_tanh, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class Gemma3Config:
+    vocab_size: int = 262144
+    hidden_size: int = 640
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 512
+    layer_types: list[str] = field(default_factory=list)
+    rope_theta: float = 1_000_000.0
+    rope_local_base_freq: float = 10_000.0
+    rope_scaling_factor: float = 1.0  # linear scaling of full-attention layers (Gemma 3 1B+ long context)
+    query_pre_attn_scalar: float = 256
+    final_logit_softcapping: float | None = None
+    max_position_embeddings: int = 32768
+    bos_token_id: int = 2
+    eos_token_ids: list[int] = field(default_factory=lambda: [1])
+    pad_token_id: int = 0
+    model_type: str = "gemma3_text"
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = [
+                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+            ]
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Gemma3Config":
+        rope = d.get("rope_parameters") or {}
+        full = rope.get("full_attention", rope if "rope_theta" in rope else {})
+        local = rope.get("sliding_attention", {})
+        scaling = d.get("rope_scaling") or {}
+        factor = 1.0
+        if full.get("rope_type") == "linear":
+            factor = float(full.get("factor", 1.0))
+        elif scaling.get("rope_type", scaling.get("type")) == "linear":
+            factor = float(scaling.get("factor", 1.0))
+        eos = d.get("eos_token_id", 1)
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d["num_key_value_heads"],
+            head_dim=d.get("head_dim", 256),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            sliding_window=d.get("sliding_window", 4096),
+            layer_types=list(d.get("layer_types") or []),
+            rope_theta=full.get("rope_theta", d.get("rope_theta", 1_000_000.0)),
+            rope_local_base_freq=local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0)),
+            rope_scaling_factor=factor,
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            bos_token_id=d.get("bos_token_id", 2),
+            eos_token_ids=list(eos) if isinstance(eos, list) else [eos],
+            pad_token_id=d.get("pad_token_id", 0) or 0,
+        )
+
+
+class Gemma3Block(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer_type: str):
+        super().__init__()
+        self.sliding = layer_type == "sliding_attention"
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, q_dim + 2 * kv_dim)
+        self.o_proj = Linear(q_dim, cfg.hidden_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        eps = cfg.rms_norm_eps
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps), RMSNorm(self.head_dim, eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+
+    def forward(self, x, layer_idx: int, cache: KVCache, cos, sin):
+        T = x.shape[0]
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        q = qkv[:, :q_dim].view(T, self.n_heads, self.head_dim).transpose(0, 1)
+        k = qkv[:, q_dim : q_dim + kv_dim].view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        v = qkv[:, q_dim + kv_dim :].view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        attn = attend(q, cache.update(layer_idx, k, v), self.scale)
+        x = x + self.post_attention_layernorm(self.o_proj(attn))
+        gate, up = self.gate_up_proj(self.pre_feedforward_layernorm(x)).chunk(2, dim=-1)
+        return x + self.post_feedforward_layernorm(self.down_proj(gelu_tanh(gate) * up))
+
+
+class Gemma3Model(nn.Module):
+    """Decoder + tied LM head. forward() returns the final-normed hidden states; logits() projects them."""
+
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(Gemma3Block(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.register_buffer(
+            "inv_freq_full",
+            rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor),
+            persistent=False,
+        )
+        self.register_buffer(
+            "inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.rope_local_base_freq), persistent=False
+        )
+
+    # ---- cache -------------------------------------------------------------------------------
+    def cache_specs(self) -> list[CacheLayerSpec]:
+        c = self.config
+        return [
+            CacheLayerSpec(c.num_key_value_heads, c.head_dim, c.head_dim, c.sliding_window if t != "full_attention" else None)
+            for t in c.layer_types
+        ]
+
+    def new_cache(self, capacity: int, spec_margin: int = 64) -> KVCache:
+        return KVCache(self.cache_specs(), capacity, self.dtype, self.embed_tokens.device, spec_margin)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    # ---- forward -----------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens[input_ids] * embed_scale(self.config.hidden_size, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run tokens [T] at the cache's next positions; returns final-normed hidden states [T, hidden]."""
+        positions = cache.begin(input_ids.shape[0])
+        cos_f, sin_f = rope_cos_sin(positions, self.inv_freq_full, self.dtype)
+        cos_l, sin_l = rope_cos_sin(positions, self.inv_freq_local, self.dtype)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)
+        cache.end()
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ---- weights -----------------------------------------------------------------------------
+    def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load HF-named tensors (Gemma3ForCausalLM naming); fuses projections and folds `1 + w` into norms."""
+        get = _Getter(tensors)
+        self.embed_tokens.data = get("model.embed_tokens.weight")
+        self.lm_head.weight = self.embed_tokens if not get.has("lm_head.weight") else nn.Parameter(
+            get("lm_head.weight"), requires_grad=False
+        )
+        self.norm.weight.data = 1.0 + get("model.norm.weight").float()
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            layer.qkv_proj.weight.data = torch.cat(
+                [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0
+            )
+            layer.o_proj.weight.data = get(p + "self_attn.o_proj.weight")
+            layer.gate_up_proj.weight.data = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            layer.down_proj.weight.data = get(p + "mlp.down_proj.weight")
+            for norm in ("q_norm", "k_norm"):
+                getattr(layer, norm).weight.data = 1.0 + get(p + f"self_attn.{norm}.weight").float()
+            for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                getattr(layer, norm).weight.data = 1.0 + get(p + f"{norm}.weight").float()
+        get.check_all_used()
+
+
+class _Getter:
+    """Reads named tensors once each and reports missing or unexpected names."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from ..errors import ModelFileError
+
+        if name not in self.tensors:
+            raise ModelFileError(f"checkpoint is missing tensor '{name}'")
+        self.used.add(name)
+        return self.tensors[name]
+
+    def check_all_used(self) -> None:
+        from ..errors import ModelFileError
+
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            raise ModelFileError(f"checkpoint has {len(unused)} unexpected tensors, e.g. '{unused[0]}'")

@@ -1,0 +1,94 @@
+"""Building blocks shared by the Gemma decoders: RMSNorm, RoPE, attention over the KV cache, linear layers.
+
+Batch size is always 1: activations are [T, hidden] and attention tensors [heads, T, head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import AttentionView
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 (as the reference does), scaled by `weight` (already the effective scale)."""
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose stored weight is the effective scale (Gemma 3's `1 + w` is folded in at load)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer; the single place where weight formats (float, int8, int4) plug in."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def rope_inv_freq(head_dim: int, theta: float, factor: float = 1.0, rotary_dim: int | None = None) -> torch.Tensor:
+    """Inverse frequencies for RoPE over `rotary_dim` of `head_dim` dims; `factor` is linear position scaling."""
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    return inv / factor
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables [T, 2 * len(inv_freq)] in the layout of `rotate_half` (two halves)."""
+    freqs = positions[:, None].float() * inv_freq[None, :].to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [H, T, D] by position; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(q: torch.Tensor, view: AttentionView, scale: float) -> torch.Tensor:
+    """Attention of q [Hq, T, D] over the view's keys/values (grouped-query); returns [T, Hq * Dv]."""
+    n_q, n_kv = q.shape[0], view.keys.shape[0]
+    mask = view.mask
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0),
+        view.keys.unsqueeze(0),
+        view.values.unsqueeze(0),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=n_q != n_kv,
+    )[0]
+    return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gemma multiplies embeddings by sqrt(hidden) rounded to the compute dtype, as the reference does."""
+    return torch.tensor(math.sqrt(hidden_size), dtype=dtype)
