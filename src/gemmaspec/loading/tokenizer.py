@@ -1,0 +1,147 @@
+"""Tokenizer: a `tokenizers` fast tokenizer plus the model's chat template (jinja2, HF semantics)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import Tokenizer as FastTokenizer
+
+from ..errors import ModelFileError
+
+# Used by `chat`/`serve` when a model ships no chat template (the default Gemma 3 270M base GGUF has none).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] + '\n\n' -%}{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (system if loop.first else '') + (message['content'] or '') + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+class Tokenizer:
+    def __init__(self, fast: FastTokenizer, config: dict):
+        self.fast = fast
+        self.config = config
+        self.chat_template: str | None = _template_text(config.get("chat_template"))
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_id = fast.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_id = fast.token_to_id(self.eos_token) if self.eos_token else None
+        self.add_bos = bool(config.get("add_bos_token", True))
+        self.vocab_size = fast.get_vocab_size()
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Tokenizer":
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ModelFileError(f"no tokenizer.json in {folder}")
+        try:
+            fast = FastTokenizer.from_file(str(path))
+        except Exception as e:  # corrupt JSON / unknown model type
+            raise ModelFileError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+        config = {}
+        config_path = folder / "tokenizer_config.json"
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ModelFileError(f"cannot parse {config_path}: {e}") from e
+        template_path = folder / "chat_template.jinja"
+        if "chat_template" not in config and template_path.exists():
+            config["chat_template"] = template_path.read_text()
+        return cls(fast, config)
+
+    # ---- ids <-> text -----------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.fast.encode(text, add_special_tokens=False).ids
+        add_bos = self.add_bos if add_bos is None else add_bos
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.fast.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, token: str) -> int | None:
+        return self.fast.token_to_id(token)
+
+    # ---- chat ---------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+        template = self.chat_template or GEMMA_CHAT_TEMPLATE
+        return _render(template, messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                       bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.apply_chat_template(messages, tools=tools)
+        # The template writes <bos> itself.
+        return self.encode(text, add_bos=not (self.bos_token and text.startswith(self.bos_token)))
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        delta = text[len(self.text):] if text.startswith(self.text) else text
+        self.text = text
+        return delta
+
+
+def _template_text(template) -> str | None:
+    if isinstance(template, list):  # HF allows named templates; take the default one
+        named = {t.get("name"): t.get("template") for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def _token_text(token) -> str | None:
+    if isinstance(token, dict):
+        return token.get("content")
+    return token
+
+
+_JINJA_ENV = None
+
+
+def _render(template: str, **context) -> str:
+    global _JINJA_ENV
+    if _JINJA_ENV is None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+        def raise_exception(message):
+            from jinja2.exceptions import TemplateError
+
+            raise TemplateError(message)
+
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys
+        )
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _JINJA_ENV = env
+    try:
+        return _JINJA_ENV.from_string(template).render(**context)
+    except Exception as e:
+        from ..errors import GemmaspecError
+
+        raise GemmaspecError(f"chat template failed to render: {e}") from e
