@@ -65,6 +65,12 @@ CONFIGS = {
     "moe": dict(enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=24),
     "softcapping": dict(final_logit_softcapping=3.0),
     "attention_bias": dict(attention_bias=True),
+    "linear_rope": dict(
+        rope_parameters={
+            S: {"rope_type": "default", "rope_theta": 1_000.0},
+            F: {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+        },
+    ),
     "all": dict(
         num_hidden_layers=6,
         layer_types=[S, F, S, S, F, F],
@@ -165,7 +171,7 @@ def test_kv_shared_layers_own_no_cache():
     modes = cfg.kv_sharing_modes
     assert ours.kv_layer_for(S) == 2 and modes[2] == "store"
     assert ours.kv_layer_for(F) == 1 and modes[1] == "store"
-    cfg2, _, ours2 = make_pair("sliding_full_rope")
+    _, _, ours2 = make_pair("sliding_full_rope")
     assert ours2.kv_layer_for(S) == 2 and ours2.kv_layer_for(F) == 3
     assert len(ours2.cache_specs()) == 4
 
