@@ -93,9 +93,12 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
             raise ModelFileError(f"{source} is neither a GGUF file nor a model folder")
     else:
         folder = source
+    tokenizer = Tokenizer.from_folder(folder)
+    from ..checks import load_time_checks
+
+    load_time_checks(folder, source, tokenizer)  # headers, tensor shapes, chat template: fail before reading weights
     model, config = _load_folder(folder, torch_dtype, dev, notes)
     apply_weight_format(model, weights, source, notes)
-    tokenizer = Tokenizer.from_folder(folder)
     name = "default" if spec in ("default", "", None) else str(source)
     return LoadedModel(model, tokenizer, name, folder, source, notes)
 

@@ -66,7 +66,9 @@ def check_gguf_header(path: Path) -> None:
 def converted_folder(path: Path) -> Path:
     """The cached HF folder for a GGUF file, converting it first if needed."""
     path = path.resolve()
-    check_gguf_header(path)
+    from ..checks import check_gguf_structure
+
+    check_gguf_structure(path)  # header, tensor table, every tensor's data inside the file (truncated downloads)
     st = path.stat()
     key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-v{CONVERSION_VERSION}"
     folder = cache_root() / "gguf" / key
