@@ -8,7 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_model, tiny_gemma3_config  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Tiny models: one thread avoids OpenMP hand-off costs that dwarf their matmuls on a small, shared CPU.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -42,8 +42,10 @@ def tiny_gemma3_config(vocab_size: int = 96, **overrides) -> dict:
     return cfg
 
 
-def hf_model(config: dict, seed: int = 0):
-    """A transformers model for `config` with random weights, norms included (they start at zero)."""
+def hf_model(config: dict, seed: int = 0, embed_std: float = 1.0):
+    """A transformers model for `config` with random weights, norms included (they start at zero).
+
+    A smaller `embed_std` flattens the next-token distribution (useful for sampling tests)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -58,19 +60,19 @@ def hf_model(config: dict, seed: int = 0):
             if "norm" in name:
                 p.normal_(0.0, 0.3)
             elif p.dim() >= 2:
-                p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5 if "embed" not in name else 1.0)
+                p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5 if "embed" not in name else embed_std)
     return model.float().eval()
 
 
 def save_tiny_model(folder: Path, config: dict, seed: int = 0, real_tokenizer: bool = False,
-                    chat_template: str | None = None) -> Path:
+                    chat_template: str | None = None, embed_std: float = 1.0) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if real_tokenizer:
         config = dict(config, vocab_size=262144)
-    model = hf_model(config, seed)
+    model = hf_model(config, seed, embed_std)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
