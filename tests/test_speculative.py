@@ -32,7 +32,7 @@ def _engine(target, drafter_spec, k):
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "draft"])
-@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 4, 8, "auto"])
 def test_greedy_equals_plain_decoding(tiny_target, tiny_gemma3_draft_dir, drafter, k):
     spec = f"draft:{tiny_gemma3_draft_dir}" if drafter == "draft" else drafter
     plain = _engine(tiny_target, "none", 0)
@@ -45,7 +45,7 @@ def test_greedy_equals_plain_decoding(tiny_target, tiny_gemma3_draft_dir, drafte
         assert got.stats.new_tokens == 40
         drafted += got.stats.drafted_tokens
         assert got.stats.target_forward_passes <= 39
-    assert drafted > 0
+    assert drafted > 0 or k == "auto"  # auto may rightly decide that drafting does not pay
 
 
 class WrongDrafter(Drafter):

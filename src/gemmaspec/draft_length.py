@@ -1,14 +1,30 @@
-"""How many tokens to draft at each step: a fixed K, or `auto`."""
+"""How many tokens to draft at each step: a fixed K, or `auto`, an online cost model that never loses.
+
+`auto` picks, before every step, the k in [0, K] that maximises expected new tokens per second:
+
+    E(k)    = 1 + sum_{j<=k} prod_{i<=j} a_i          (a_i: running acceptance of draft position i,
+                                                       given the drafts before it were accepted)
+    cost(k) = verify(k + 1) + k * draft_per_token + draft_overhead   (k > 0)
+    k*      = argmax E(k) / cost(k)
+
+verify(T) is the measured time of one target pass over T tokens. It is a property of the model and the
+machine, so it lives in a `VerifyCostModel` kept by the engine across requests; acceptance is per request.
+k = 0 is plain decoding. When k = 0 wins, a cheap probe (k = 1) runs now and then, with exponential
+back-off, so speculation resumes when acceptance comes back.
+"""
 
 from __future__ import annotations
 
 from .errors import GemmaspecError
 
 MAX_DRAFT_TOKENS = 32
-DEFAULT_DRAFT_TOKENS = 4
+AUTO_MAX_TOKENS = 8  # longest draft `auto` considers
+FIXED_AUTO_FALLBACK = 4
 
 
 class DraftLengthPolicy:
+    """A fixed draft length."""
+
     def __init__(self, k: int):
         self.k = k
         self.max_tokens = k
@@ -16,8 +32,111 @@ class DraftLengthPolicy:
     def choose(self) -> int:
         return self.k
 
-    def update(self, drafted: int, accepted: int, seconds: float) -> None:
+    def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         pass
+
+
+class VerifyCostModel:
+    """Seconds of one target pass over T tokens, learned online as an exponential moving average."""
+
+    def __init__(self, smoothing: float = 0.2):
+        self.smoothing = smoothing
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        old = self.seconds.get(n_tokens)
+        self.seconds[n_tokens] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def estimate(self, n_tokens: int) -> float | None:
+        if n_tokens in self.seconds:
+            return self.seconds[n_tokens]
+        if not self.seconds:
+            return None
+        known = sorted(self.seconds)
+        lower = [t for t in known if t < n_tokens]
+        upper = [t for t in known if t > n_tokens]
+        if lower and upper:  # interpolate between the nearest measurements
+            lo, hi = lower[-1], upper[0]
+            w = (n_tokens - lo) / (hi - lo)
+            return self.seconds[lo] * (1 - w) + self.seconds[hi] * w
+        # Extrapolate optimistically (+3% per token beyond the nearest measurement): the controller then
+        # tries that length once and learns its true cost.
+        nearest = lower[-1] if lower else upper[0]
+        return self.seconds[nearest] * max(0.5, 1 + 0.03 * (n_tokens - nearest))
+
+
+class AdaptiveDraftLength(DraftLengthPolicy):
+    def __init__(self, max_tokens: int, costs: VerifyCostModel, prior_acceptance: float = 0.5,
+                 prior_weight: float = 2.0, decay: float = 0.95):
+        self.max_tokens = max_tokens
+        self.costs = costs
+        self.prior_acceptance, self.prior_weight, self.decay = prior_acceptance, prior_weight, decay
+        self.tried = [0.0] * max_tokens  # decayed counts per draft position
+        self.accepted = [0.0] * max_tokens
+        self.draft_per_token: float | None = None
+        self.zero_streak = 0
+        self.probe_every = 4
+        self.probing = False
+
+    def acceptance(self) -> list[float]:
+        """Acceptance per draft position; each position's prior is the estimate of the one before it."""
+        out, prior = [], self.prior_acceptance
+        for a, t in zip(self.accepted, self.tried):
+            prior = (a + self.prior_weight * prior) / (t + self.prior_weight)
+            out.append(prior)
+        return out
+
+    def expected_tokens(self, k: int) -> float:
+        total, run = 1.0, 1.0
+        for a in self.acceptance()[:k]:
+            run *= a
+            total += run
+        return total
+
+    def step_cost(self, k: int) -> float | None:
+        verify = self.costs.estimate(k + 1)
+        if verify is None:
+            return None
+        return verify + (k * self.draft_per_token if k and self.draft_per_token else 0.0)
+
+    def choose(self) -> int:
+        self.probing = False
+        if not self.costs.seconds:  # nothing measured yet: start with a modest draft
+            return min(2, self.max_tokens)
+        if 1 not in self.costs.seconds:  # measure plain decoding once: the baseline every draft must beat
+            return 0
+        best_k, best_rate = 0, 0.0
+        for k in range(self.max_tokens + 1):
+            cost = self.step_cost(k)
+            rate = self.expected_tokens(k) / cost if cost and cost > 0 else 0.0
+            if rate > best_rate * 1.0001:
+                best_k, best_rate = k, rate
+        if best_k == 0 and self.max_tokens:
+            self.zero_streak += 1
+            if self.zero_streak >= self.probe_every:
+                self.zero_streak = 0
+                self.probing = True
+                return 1
+        else:
+            self.zero_streak = 0
+        return best_k
+
+    def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        self.costs.observe(drafted + 1, verify_seconds)
+        if not drafted:
+            return
+        per_token = draft_seconds / drafted
+        self.draft_per_token = per_token if self.draft_per_token is None else 0.8 * self.draft_per_token + 0.2 * per_token
+        # Position i was "reached" if drafts 0..i-1 were accepted; it counts as tried only then.
+        reached = min(accepted + 1, drafted)
+        for i in range(self.max_tokens):
+            self.tried[i] *= self.decay
+            self.accepted[i] *= self.decay
+        for i in range(reached):
+            self.tried[i] += 1
+            self.accepted[i] += 1 if i < accepted else 0
+        if self.probing:  # a probe that paid off resets the back-off; one that failed doubles it
+            self.probe_every = 4 if accepted else min(self.probe_every * 2, 64)
 
 
 def parse_draft_tokens(value: int | str) -> int | str:
@@ -32,10 +151,13 @@ def parse_draft_tokens(value: int | str) -> int | str:
     return k
 
 
-def make_policy(drafter, draft_tokens: int | str) -> DraftLengthPolicy:
+def make_policy(drafter, draft_tokens: int | str, costs: VerifyCostModel | None = None) -> DraftLengthPolicy:
     value = parse_draft_tokens(draft_tokens)
     if drafter.max_tokens == 0:
         return DraftLengthPolicy(0)
     if value == "auto":
-        return DraftLengthPolicy(min(DEFAULT_DRAFT_TOKENS, drafter.max_tokens))
+        max_k = min(AUTO_MAX_TOKENS, drafter.max_tokens)
+        if costs is None:
+            return DraftLengthPolicy(min(FIXED_AUTO_FALLBACK, max_k))
+        return AdaptiveDraftLength(max_k, costs)
     return DraftLengthPolicy(min(value, drafter.max_tokens))

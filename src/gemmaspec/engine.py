@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from .drafters import DraftContext, Drafter, make_drafter
-from .draft_length import DraftLengthPolicy, make_policy
+from .draft_length import DraftLengthPolicy, VerifyCostModel, make_policy
 from .errors import GemmaspecError, PromptTooLongError
 from .loading import LoadedModel, load_model
 from .loading.tokenizer import IncrementalDecoder
@@ -75,6 +75,8 @@ class Engine:
         end_of_turn = self.tokenizer.token_id("<end_of_turn>")
         self.chat_stop_ids = {end_of_turn} if end_of_turn is not None else set()
         self.context_length = cfg.max_position_embeddings
+        # Target time per verification size: a property of model + machine, shared by all requests.
+        self.verify_costs = VerifyCostModel()
 
     @classmethod
     def load(cls, model: str = "default", drafter: str = "auto", dtype: str = "auto", device: str = "auto",
@@ -125,7 +127,7 @@ class Engine:
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         eos_ids = self.eos_ids | (self.chat_stop_ids if (chat or messages is not None) else set())
-        policy = make_policy(self.drafter, self.draft_tokens if draft_tokens is None else draft_tokens)
+        policy = make_policy(self.drafter, self.draft_tokens if draft_tokens is None else draft_tokens, self.verify_costs)
         with torch.inference_mode():
             yield from self._decode(prompt_ids, params, max_new_tokens, stops, eos_ids, policy)
 
@@ -185,26 +187,28 @@ class Engine:
             # Draft, then verify the last token plus the drafts in one target pass.
             remaining = max_new - len(new_ids)
             k = min(policy.choose(), remaining - 1, capacity - cache.length - 2)
-            draft_tokens, draft_probs = [], None
+            draft_tokens, draft_probs, draft_seconds = [], None, 0.0
             if k > 0:
                 t = time.perf_counter()
                 draft = drafter.propose(DraftContext(tokens, model, cache, last_hidden, params, generator), k)
                 draft_tokens = draft.tokens[:k]
                 draft_probs = draft.probs[: len(draft_tokens)] if draft.probs is not None else None
-                stats.draft_seconds += time.perf_counter() - t
+                draft_seconds = time.perf_counter() - t
+                stats.draft_seconds += draft_seconds
             t = time.perf_counter()
             inputs = torch.tensor([tokens[-1]] + draft_tokens, device=self.device)
             hidden = model(inputs, cache)
             n_accepted, next_token = verify(model.logits(hidden), draft_tokens, draft_probs, params, generator)
             cache.rollback(cache.length - (len(draft_tokens) - n_accepted))
             last_hidden = hidden[n_accepted]
-            stats.verify_seconds += time.perf_counter() - t
+            verify_seconds = time.perf_counter() - t
+            stats.verify_seconds += verify_seconds
             stats.target_forward_passes += 1
             stats.drafted_tokens += len(draft_tokens)
             stats.accepted_tokens += n_accepted
             if draft_tokens:
                 drafter.observe(n_accepted)
-            policy.update(len(draft_tokens), n_accepted, time.perf_counter() - t)
+            policy.update(len(draft_tokens), n_accepted, draft_seconds, verify_seconds)
             pending = draft_tokens[:n_accepted] + [next_token]
 
         stats.decode_seconds = time.perf_counter() - t_decode

@@ -1,0 +1,76 @@
+"""The adaptive draft-length controller on synthetic timings and acceptance."""
+
+import random
+
+from gemmaspec.draft_length import AdaptiveDraftLength, DraftLengthPolicy, VerifyCostModel, make_policy
+from gemmaspec.drafters import Drafter, NgramDrafter
+
+
+def _run(policy, steps, accept_prob, verify_time, draft_time_per_token=0.0, seed=0):
+    """Drive the controller like the engine does; returns the k chosen at each step."""
+    rng = random.Random(seed)
+    chosen = []
+    for _ in range(steps):
+        k = policy.choose()
+        chosen.append(k)
+        accepted = 0
+        while accepted < k and rng.random() < accept_prob:
+            accepted += 1
+        policy.update(k, accepted, k * draft_time_per_token, verify_time(k + 1))
+    return chosen
+
+
+def linear_cost(base=0.010, per_token=0.002):
+    return lambda n_tokens: base + per_token * n_tokens
+
+
+def test_drafts_always_fail_gives_plain_decoding():
+    policy = AdaptiveDraftLength(8, VerifyCostModel())
+    chosen = _run(policy, 200, accept_prob=0.0, verify_time=linear_cost())
+    tail = chosen[-100:]
+    assert tail.count(0) >= 90  # plain decoding, with rare cheap probes (k = 1)
+    assert max(tail) <= 1
+
+
+def test_drafts_always_pass_gives_long_drafts():
+    policy = AdaptiveDraftLength(8, VerifyCostModel())
+    chosen = _run(policy, 100, accept_prob=1.0, verify_time=linear_cost())
+    assert all(k == 8 for k in chosen[-50:])
+
+
+def test_expensive_verification_limits_draft_length():
+    # Verifying costs 40% more per extra token: only short drafts pay at 60% acceptance.
+    policy = AdaptiveDraftLength(8, VerifyCostModel())
+    chosen = _run(policy, 300, accept_prob=0.6, verify_time=linear_cost(0.010, 0.004))
+    assert 1 <= sorted(chosen[-100:])[50] <= 2
+
+
+def test_recovers_when_acceptance_comes_back():
+    costs = VerifyCostModel()
+    policy = AdaptiveDraftLength(8, costs)
+    _run(policy, 200, accept_prob=0.0, verify_time=linear_cost())
+    chosen = _run(policy, 200, accept_prob=0.95, verify_time=linear_cost(), seed=1)
+    assert sorted(chosen[-50:])[25] >= 6
+
+
+def test_slow_drafter_is_not_used():
+    # A drafter costing as much per token as a whole target pass never pays at 50% acceptance.
+    policy = AdaptiveDraftLength(8, VerifyCostModel())
+    chosen = _run(policy, 200, accept_prob=0.5, verify_time=linear_cost(), draft_time_per_token=0.012)
+    assert chosen[-100:].count(0) >= 90
+
+
+def test_cost_model_interpolates_and_extrapolates():
+    costs = VerifyCostModel()
+    assert costs.estimate(3) is None
+    costs.observe(1, 0.010)
+    costs.observe(5, 0.020)
+    assert abs(costs.estimate(3) - 0.015) < 1e-12
+    assert costs.estimate(9) > 0.020
+
+
+def test_make_policy():
+    assert make_policy(Drafter(), "auto").choose() == 0
+    assert isinstance(make_policy(NgramDrafter(), "auto", VerifyCostModel()), AdaptiveDraftLength)
+    fixed = make_policy(NgramDrafter(), 6)
+    assert isinstance(fixed, DraftLengthPolicy) and fixed.choose() == 6
