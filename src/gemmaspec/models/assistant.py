@@ -373,8 +373,12 @@ class AssistantModel(nn.Module):
         self.post_projection = Linear(H, B)
         self.layers = nn.ModuleList(AssistantBlock(t, kind) for kind in t.layer_types)
         self.norm = RMSNorm(H, t.rms_norm_eps)
-        # The tied embedding, used only as the LM head (inputs come from the target's embedding).
-        self.lm_head = nn.Parameter(torch.empty(t.vocab_size, H), requires_grad=False)
+        # The tied embedding, used only as the LM head (inputs come from the target's embedding). A drafter
+        # trained here may keep a trimmed vocabulary (`gemmaspec_vocab_size` rows; `vocab_map` holds their token
+        # ids): a draft step then reads only those rows, and it never proposes the tokens left out.
+        kept = int(cfg.extra.get("gemmaspec_vocab_size", 0) or 0)
+        self.register_buffer("vocab_map", torch.arange(kept) if kept else None)
+        self.lm_head = nn.Parameter(torch.empty(kept or t.vocab_size, H), requires_grad=False)
         self.centroids = None
         if cfg.use_ordered_embeddings:
             self.centroids = Linear(H, cfg.num_centroids)
@@ -446,6 +450,8 @@ class AssistantModel(nn.Module):
     def candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(token ids [N, M], their logits [N, M]) the head scores: with the centroid head, the tokens of the top
         clusters (M = top_k * vocab / num_centroids); without it, every token (ids None, M = vocab)."""
+        if self.vocab_map is not None:
+            return self.vocab_map.expand(hidden.shape[0], -1), self.vocab_logits(hidden).float()
         if self.centroids is None:
             head = self.lm_head
             return None, (F.linear(hidden, head) if isinstance(head, torch.Tensor) else head.linear(hidden)).float()
@@ -458,6 +464,28 @@ class AssistantModel(nn.Module):
         rows = _rows(self.lm_head, ids.reshape(-1)).view(*ids.shape, -1)  # [N, M, H]: only these rows are read
         logits = (hidden.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)
         return ids, logits.float()
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of the trimmed vocabulary's rows [N, gemmaspec_vocab_size] (trainable: used by train-drafter)."""
+        head = self.lm_head
+        return F.linear(hidden, head) if isinstance(head, torch.Tensor) else head.linear(hidden)
+
+    def init_trainable(self, vocab: torch.Tensor, target_model=None, std: float = 0.02) -> None:
+        """Random initial weights for training a trimmed-vocabulary drafter; every weight becomes trainable."""
+        if self.vocab_map is None or len(vocab) != len(self.vocab_map):
+            raise ValueError("init_trainable needs a config with gemmaspec_vocab_size == len(vocab)")
+        self.vocab_map = vocab.to(torch.long).clone()
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.weight.data = torch.randn(module.out_features, module.in_features) * std
+                elif isinstance(module, RMSNorm) and module.weight is not None:
+                    module.weight.data = torch.ones_like(module.weight)
+            self.lm_head.data = torch.randn(len(vocab), self.lm_head.shape[1]) * std
+            if target_model is not None and self.lm_head.shape[1] == target_model.embed_tokens.shape[1]:
+                self.lm_head.data = target_model.embed_tokens.detach().float().index_select(0, self.vocab_map).clone()
+        for p in self.parameters():
+            p.requires_grad_(True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [N, vocab] as the reference returns them (tokens outside the selected clusters get
@@ -513,6 +541,11 @@ class AssistantModel(nn.Module):
                 layer.layer_scalar = get(p + "layer_scalar").to(self.dtype).reshape(1)
             else:
                 layer.layer_scalar = torch.ones(1, dtype=self.dtype, device=self.device)
+        if self.vocab_map is not None:
+            vocab_map = get("gemmaspec.vocab_map").round().long()
+            if vocab_map.shape != self.vocab_map.shape or vocab_map.min() < 0 or vocab_map.max() >= cfg.text.vocab_size:
+                raise ModelFileError("gemmaspec.vocab_map does not fit the config's gemmaspec_vocab_size / vocab_size")
+            self.vocab_map = vocab_map
         if self.centroids is not None:
             self.centroids.weight.data = get("masked_embedding.centroids.weight")
             ordering = get("masked_embedding.token_ordering").round().long()  # 1-D tensors may arrive as float
@@ -545,6 +578,8 @@ class AssistantModel(nn.Module):
                          "post_feedforward_layernorm"):
                 out[p + f"{norm}.weight"] = getattr(layer, norm).weight.data
             out[p + "layer_scalar"] = layer.layer_scalar
+        if self.vocab_map is not None:
+            out["gemmaspec.vocab_map"] = self.vocab_map
         if self.centroids is not None:
             out["masked_embedding.centroids.weight"] = self.centroids.weight.data
             out["masked_embedding.token_ordering"] = self.token_ordering

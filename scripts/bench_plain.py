@@ -1,0 +1,126 @@
+"""Plain decoding of the default model: ours vs transformers' `generate`, same dtype, one process, one run.
+
+Prints tokens/s of both (median over prompts), their ratio, and ours as a fraction of the memory-bandwidth
+limit = measured read bandwidth / bytes of weights read per token.
+
+    python scripts/bench_plain.py [--dtype float32|bfloat16|auto] [--max-new-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+PROMPTS = [
+    "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
+    "The history of the printing press begins in",
+    '{"users": [{"id": 1, "name": "Ada", "role": "admin"}, {"id": 2, "name": "',
+    "Question: A train travels 60 km in 45 minutes. What is its average speed in km/h?\nAnswer:",
+]
+
+
+def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 7) -> float:
+    """Read bandwidth of a large initialised tensor (torch.empty would read the shared zero page)."""
+    x = torch.randn(megabytes * 2**20 // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every matrix a decode step reads once (all Linear layers, the tied LM head included)."""
+    from gemmaspec.models.layers import Linear
+
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            nbytes = module.nbytes() if hasattr(module, "nbytes") else module.weight.numel() * module.weight.element_size()
+            key = id(module.weight)
+            if key not in seen:
+                seen.add(key)
+                total += nbytes
+    return total
+
+
+def ours(engine, prompt: str, max_new: int) -> float:
+    result = engine.generate(prompt, max_new_tokens=max_new)
+    return result.stats.new_tokens / result.stats.decode_seconds
+
+
+def transformers_tps(model, ids: list[int], max_new: int) -> float:
+    """Decode-only tokens/s: a full generate minus a 1-token generate (its prefill), same prompt."""
+    inputs = torch.tensor([ids])
+    t = time.perf_counter()
+    model.generate(inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    out = model.generate(inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+    total = time.perf_counter() - t
+    new = out.shape[1] - len(ids)
+    return (new - 1) / max(total - prefill, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--weights", default="auto")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from gemmaspec.drafters import Drafter
+    from gemmaspec.engine import Engine
+    from gemmaspec.loading import load_model
+
+    target = load_model("default", dtype=args.dtype, device="cpu", weights=args.weights)
+    engine = Engine(target, Drafter(), 0)
+    engine.eos_ids = set()  # time exactly max_new_tokens for every prompt
+    dtype = target.model.dtype
+    hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(str(target.path), dtype=dtype).eval()
+    ours(engine, PROMPTS[0], 8)  # warm-up
+    if hf is not None:
+        transformers_tps(hf, engine.encode_prompt(PROMPTS[0]), 8)
+
+    rows = []
+    for _ in range(args.repeats):  # interleaved so machine noise hits both alike
+        for prompt in PROMPTS:
+            row = {"ours": ours(engine, prompt, args.max_new_tokens)}
+            if hf is not None:
+                row["hf"] = transformers_tps(hf, engine.encode_prompt(prompt), args.max_new_tokens)
+            rows.append(row)
+    bandwidth = read_bandwidth_gbs()
+    nbytes = weight_bytes_per_token(target.model)
+    limit = bandwidth * 1e9 / nbytes
+    ours_tps = statistics.median(r["ours"] for r in rows)
+    report = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "weights": args.weights,
+        "threads": torch.get_num_threads(),
+        "max_new_tokens": args.max_new_tokens,
+        "ours_tokens_per_second": round(ours_tps, 2),
+        "weight_megabytes_per_token": round(nbytes / 2**20, 1),
+        "read_bandwidth_gb_s": round(bandwidth, 1),
+        "bandwidth_limit_tokens_per_second": round(limit, 2),
+        "ours_fraction_of_limit": round(ours_tps / limit, 3),
+    }
+    if hf is not None:
+        hf_tps = statistics.median(r["hf"] for r in rows)
+        report["transformers_tokens_per_second"] = round(hf_tps, 2)
+        report["ratio_ours_over_transformers"] = round(statistics.median(r["ours"] / r["hf"] for r in rows), 2)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

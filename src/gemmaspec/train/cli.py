@@ -1,0 +1,94 @@
+"""`gemmaspec train-drafter`: train an MTP assistant for a target by self-distillation.
+
+Stages (each resumable; `--resume` continues where an interrupted run stopped):
+1. corpus     assembled offline (train/corpus.py), split train/eval by a hash of each document id;
+2. teacher    the target runs over the corpus once (teacher forcing): ids, its greedy predictions, final
+              hidden states and the K/V of the layers the drafter reads, in shards under OUT/work/;
+3. train      the drafter learns to predict the target's tokens 1..D steps ahead through its own recurrence,
+              checkpointing every few minutes, with held-out acceptance on the eval split;
+4. export     OUT/config.json + OUT/model.safetensors, loadable with `--drafter mtp:OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train-drafter", help="train an MTP drafter for a target model (self-distillation)")
+    p.add_argument("--model", default="default", help="the target: 'default', an HF folder or a .gguf file")
+    p.add_argument("--out", required=True, help="output folder for the drafter")
+    p.add_argument("--corpus", nargs="*", default=None, help="extra text files to train on")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--draft-depth", type=int, default=4, help="tokens ahead the drafter learns to predict (D)")
+    p.add_argument("--sequences", type=int, default=400, help="training sequences of --seq-len tokens to distill")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-sequences", type=int, default=24)
+    p.add_argument("--vocab", type=int, default=8192, help="drafter vocabulary: the target's most frequent tokens")
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--batch-positions", type=int, default=256, help="anchor positions per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-documents", type=int, default=0, help="use only the first N corpus documents (quick runs)")
+    p.set_defaults(func=cmd_train_drafter)
+
+
+def cmd_train_drafter(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..errors import GemmaspecError
+    from ..loading import load_model
+    from .corpus import build_corpus, interleave
+    from .teacher import build_shards, frequent_tokens, token_frequencies
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    work = out / "work"
+    if out.exists() and any(out.iterdir()) and not args.resume and not (work / "run.json").exists():
+        raise GemmaspecError(f"{out} is not empty (use --resume to continue a run there, or another --out)")
+    work.mkdir(parents=True, exist_ok=True)
+    run_path = work / "run.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "threads", "debug", "command")}
+    if run_path.exists():
+        previous = json.loads(run_path.read_text())
+        if not args.resume:
+            raise GemmaspecError(f"{out} holds an earlier run; pass --resume to continue it")
+        changed = [k for k in ("model", "max_documents", "seq_len", "vocab", "hidden_size", "layers", "intermediate_size", "draft_depth")
+                   if previous.get(k, settings.get(k)) != settings.get(k)]
+        if changed:
+            raise GemmaspecError(f"--resume with different {', '.join(changed)} than the run in {out}")
+    run_path.write_text(json.dumps(settings, indent=2))
+
+    target = load_model(args.model, dtype="float32", device="cpu", weights="bf16")
+    docs = interleave(build_corpus(args.corpus))
+    if args.max_documents:
+        docs = docs[: args.max_documents]
+    vocab_path = work / "vocab.pt"
+    if vocab_path.exists():
+        vocabs = torch.load(vocab_path)
+    else:
+        print("counting corpus tokens ...", file=sys.stderr)
+        counts = token_frequencies(docs, target.tokenizer, target.model.config.vocab_size)
+        always = sorted(set(target.model.config.eos_token_ids) | {i for i in [target.tokenizer.token_id("<end_of_turn>")] if i is not None})
+        vocabs = {"labels": frequent_tokens(counts, 2 * args.vocab, always),
+                  "drafter": frequent_tokens(counts, args.vocab, always)}
+        torch.save(vocabs, vocab_path)
+
+    total = args.sequences + args.eval_sequences
+    with tqdm(total=total, desc="teacher forcing", unit="seq", file=sys.stderr) as bar:
+        build_shards(target.model, target.tokenizer, docs, work, "eval", args.seq_len, args.eval_sequences, vocabs["labels"], bar)
+        build_shards(target.model, target.tokenizer, docs, work, "train", args.seq_len, args.sequences, vocabs["labels"], bar)
+
+    from .loop import train_drafter
+
+    train_drafter(target, work, out, vocabs["drafter"], args)
+    return 0

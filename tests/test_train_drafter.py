@@ -1,0 +1,58 @@
+"""`gemmaspec train-drafter`: a short run completes, its output loads with --drafter mtp:DIR and decodes
+losslessly; an interrupted run resumes."""
+
+import json
+
+import pytest
+
+from gemmaspec.cli import main
+from gemmaspec.drafters import make_drafter
+from gemmaspec.engine import Engine
+from gemmaspec.loading import load_model
+from gemmaspec.train.corpus import build_corpus
+
+
+def _train(model_dir, out, *extra):
+    return main(["train-drafter", "--model", str(model_dir), "--out", str(out), "--steps", "20",
+                 "--sequences", "8", "--eval-sequences", "2", "--seq-len", "64", "--max-documents", "60",
+                 "--vocab", "512", "--hidden-size", "64", "--intermediate-size", "128", "--layers", "2",
+                 "--batch-positions", "32", "--threads", "1", *extra])
+
+
+def test_short_training_run_loads_and_is_lossless(tiny_gemma3_realtok_dir, tmp_path):
+    out = tmp_path / "drafter"
+    assert _train(tiny_gemma3_realtok_dir, out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma4_assistant" and config["gemmaspec_vocab_size"] > 0
+    report = json.loads((out / "training.json").read_text())
+    assert 1.0 <= report["held_out"]["mean_accepted_length"] <= 5.0
+
+    target = load_model(str(tiny_gemma3_realtok_dir), dtype="float32", device="cpu")
+    plain = Engine(target, make_drafter("none", target), 0)
+    for k in (1, 4):
+        engine = Engine(target, make_drafter(f"mtp:{out}", target), k)
+        for prompt in ("def add(a, b):", '{"name": "Ada", "id": 3}'):
+            got = engine.generate(prompt, max_new_tokens=24)
+            assert got.token_ids == plain.generate(prompt, max_new_tokens=24).token_ids
+            assert got.stats.drafted_tokens > 0
+
+
+def test_resume_continues_and_refuses_changed_settings(tiny_gemma3_realtok_dir, tmp_path, capsys):
+    out = tmp_path / "drafter"
+    assert _train(tiny_gemma3_realtok_dir, out) == 0
+    assert _train(tiny_gemma3_realtok_dir, out) == 2  # an earlier run is there: needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert _train(tiny_gemma3_realtok_dir, out, "--resume") == 0  # finished run: resumes at its last step
+    code = main(["train-drafter", "--model", str(tiny_gemma3_realtok_dir), "--out", str(out), "--resume",
+                 "--seq-len", "32"])
+    assert code == 2
+
+
+def test_corpus_is_reproducible_with_a_held_out_split():
+    a, b = build_corpus(), build_corpus()
+    assert [d.id for d in a] == [d.id for d in b] and [d.text for d in a[:50]] == [d.text for d in b[:50]]
+    kinds = {d.kind for d in a}
+    assert {"code", "prose", "math", "json", "copying"} <= kinds
+    splits = {d.split for d in a}
+    assert splits == {"train", "eval"}
+    assert len({d.id for d in a}) == len(a)
