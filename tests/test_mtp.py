@@ -22,6 +22,7 @@ from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemm
 
 from gemmaspec.cache import AttentionView, CacheLayerSpec, KVCache  # noqa: E402
 from gemmaspec.drafters import DraftContext, make_drafter  # noqa: E402
+from gemmaspec.drafters.hybrid import HybridDrafter  # noqa: E402
 from gemmaspec.drafters.mtp import MTPDrafter, check_pairing, find_paired_assistant, make_mtp_drafter  # noqa: E402
 from gemmaspec.engine import Engine  # noqa: E402
 from gemmaspec.errors import GemmaspecError  # noqa: E402
@@ -261,10 +262,31 @@ def _greedy_equal(target, spec, ks):
 
 def test_gemma4_target_greedy_equals_plain_decoding(g4_target):
     assert find_paired_assistant(g4_target).name == "tiny-g4-assistant"
-    assert isinstance(make_drafter("auto", g4_target), MTPDrafter)
+    auto = make_drafter("auto", g4_target)
+    assert isinstance(auto, HybridDrafter) and isinstance(auto.mtp, MTPDrafter)
     drafter = make_drafter("mtp", g4_target)
     assert drafter.kv_layers == {S: 1, F: 2}  # the last cache-owning layer of each kind (layers 3, 4 are shared)
     _greedy_equal(g4_target, "mtp", ks=[1, 2, 4, 8])
+
+
+def test_auto_hybrid_of_mtp_and_prompt_lookup_is_lossless(g4_target):
+    plain = Engine(g4_target, make_drafter("none", g4_target), 0)
+    plain.eos_ids = set()
+    sources = set()
+    for k in (2, 4, "auto"):
+        drafter = make_drafter("auto", g4_target)
+        engine = Engine(g4_target, drafter, k)
+        engine.eos_ids = set()
+        original = drafter.observe
+
+        def observe(accepted, original=original, drafter=drafter):
+            sources.add(drafter.last[0])
+            original(accepted)
+
+        drafter.observe = observe
+        for prompt in PROMPTS:
+            assert engine.generate(prompt, max_new_tokens=24).token_ids == plain.generate(prompt, max_new_tokens=24).token_ids
+    assert sources == {"mtp", "ngram"}  # both kinds of proposal were verified
 
 
 @pytest.fixture(scope="module")

@@ -39,11 +39,14 @@ def make_drafter(spec: str, target, dtype=None, device=None) -> Drafter:
 
 
 def _auto_drafter(target, dtype, device) -> Drafter:
-    """The best drafter this model has: its paired MTP assistant when one exists, else prompt lookup."""
+    """The best drafter this model has: its paired MTP assistant (with prompt lookup for long matches) when one
+    exists, else prompt lookup."""
     try:
         from .mtp import find_paired_assistant, make_mtp_drafter
     except ImportError:
         return NgramDrafter()
     if find_paired_assistant(target) is not None:
-        return make_mtp_drafter("mtp", target)
+        from .hybrid import HybridDrafter
+
+        return HybridDrafter(make_mtp_drafter("mtp", target))
     return NgramDrafter()
