@@ -84,9 +84,11 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     dev = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = resolve_dtype(dtype, dev)
     notes: list[str] = []
+    gguf = None
     if source.is_file():
         if source.suffix.lower() == ".gguf" or _starts_with(source, b"GGUF"):
             folder = converted_folder(source)
+            gguf = source
         elif source.suffix == ".safetensors":
             folder = source.parent
         else:
@@ -97,8 +99,14 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     from ..checks import load_time_checks
 
     load_time_checks(folder, source, tokenizer)  # headers, tensor shapes, chat template: fail before reading weights
-    model, config = _load_folder(folder, torch_dtype, dev, notes)
-    apply_weight_format(model, weights, source, notes)
+    model = None
+    if gguf is not None and weights in ("auto", "int8", "int4"):  # packed straight from the file (issue 9)
+        from ..quant import load_gguf_model
+
+        model = load_gguf_model(folder, gguf, weights, torch_dtype, dev, notes)  # None: weights stay float
+    if model is None:
+        model, config = _load_folder(folder, torch_dtype, dev, notes)
+        apply_weight_format(model, weights, source, notes)
     name = "default" if spec in ("default", "", None) else str(source)
     return LoadedModel(model, tokenizer, name, folder, source, notes)
 
@@ -113,8 +121,7 @@ def apply_weight_format(model, weights: str, source: Path, notes: list[str]) -> 
         from ..quant import quantize_model
     except ImportError:
         raise ModelFileError(f"--weights {weights} is not available yet in this build") from None
-    quantize_model(model, weights)
-    notes.append(f"weights held as {weights}")
+    quantize_model(model, weights, notes)
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:

@@ -43,8 +43,11 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.qweight = None  # a quant.QuantizedWeight (int8/int4) replacing `weight` when set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight.linear(x)
         return F.linear(x, self.weight)
 
 

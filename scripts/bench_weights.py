@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Low-bit weights (issue 9): plain-decode speed and quality of the default model per weight format.
+
+    python scripts/bench_weights.py                        # decode tok/s + quality, all formats, one process
+    python scripts/bench_weights.py --kernels              # the matmul micro-benchmark behind the kernel choice
+    python scripts/bench_weights.py --max-new-tokens 16 --repeats 1 --formats float32,int4   # a smoke run
+
+Decode: tokens/s of plain greedy decoding (drafter none) for float32, bf16, int8, int4 and auto (the GGUF's own
+int8/int4 mix), same prompts, formats interleaved round by round, medians; next to llama.cpp on the same GGUF
+when `llama-cpp-python` is installed. Each is also given as a fraction of its bandwidth limit = measured read
+bandwidth / bytes of weights read per token (every matrix once; the tied embedding once, as the LM head).
+
+Quality: greedy tokens of each format against float32 on the same prompts (fraction of positions equal, and
+the common prefix), and perplexity on a held-out text of a few hundred tokens (model forward + logits).
+
+Machines are shared and noisy: quote the ratios measured side by side, not a lone absolute number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+PROMPTS = [
+    "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
+    "The history of the printing press begins in",
+    '{"users": [{"id": 1, "name": "Ada", "role": "admin"}, {"id": 2, "name": "',
+    "Question: A train travels 60 km in 45 minutes. What is its average speed in km/h?\nAnswer:",
+]
+
+# Held-out text for perplexity (written for this benchmark, so no model has seen it verbatim).
+HELD_OUT = """\
+The lighthouse on the northern cape was built in 1871, after three ships were lost on the same reef in a
+single winter. Its first keeper, a former schoolteacher named Elias Brandt, kept a logbook in which he wrote
+down the weather every four hours, the ships that passed, and, in the margins, the names of the birds he saw.
+For forty years the light burned paraffin. Every evening the keeper carried the fuel up one hundred and twelve
+steps, trimmed the wick, and wound the clockwork that turned the lens. If the clockwork stopped, the beam stood
+still, and a ship at sea could mistake the lighthouse for a house on the shore. Brandt wrote that on the
+coldest nights he wound the mechanism every two hours, and that he slept in a chair beside the stairs so he
+would hear it slow down.
+
+In 1912 the paraffin lamp was replaced by an acetylene burner, and in 1954 by an electric lamp fed by a
+cable from the village. The keepers stayed until 1987, when the light was automated. Today the tower is a
+small museum. Visitors can climb the stairs, look through the lens, and read a copy of the first logbook.
+The museum's guide likes to point out one entry from March 1880: "Wind north-west, strong. Sea heavy. No
+ships. A pair of eiders on the rocks below; the male very bright. Wound the clock at two, at four, at six."
+
+A lens of this kind works by bending light from a single flame into a narrow horizontal beam. Rings of glass
+prisms above and below the centre catch the rays that would otherwise escape upward or downward and turn them
+toward the horizon. The result is a beam that can be seen more than twenty nautical miles away on a clear
+night, although fog can reduce that distance to a few hundred metres. For this reason the station also had a
+fog horn, driven first by a hand pump and later by compressed air. The sound, two long notes every minute,
+could be heard in the village, and older residents still remember falling asleep to it.
+"""
+
+FORMATS = ["float32", "bf16", "int8", "int4", "auto"]
+
+
+# ---- memory bandwidth and bytes per token ------------------------------------------------------------------
+def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 9) -> float:
+    """Read bandwidth of a large INITIALISED tensor (torch.empty reads the shared zero page: fake numbers).
+
+    The best of several passes: the limit the hardware allows, as the weight reads would see it."""
+    x = torch.randn(megabytes * 2**20 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def gguf_bytes_per_token(path) -> int:
+    """llama.cpp reads every tensor of the file once per token (the tied embedding as its LM head)."""
+    from gemmaspec.checks.files import read_gguf
+
+    return sum(t.nbytes for t in read_gguf(path).tensors)
+
+
+# ---- decode -----------------------------------------------------------------------------------------------
+def load_format(fmt: str):
+    from gemmaspec.loading import load_model
+
+    dtype = "bfloat16" if fmt == "bf16" else "float32"
+    weights = "bf16" if fmt in ("float32", "bf16") else fmt
+    t = time.perf_counter()
+    target = load_model("default", dtype=dtype, device="cpu", weights=weights)
+    return target, time.perf_counter() - t
+
+
+def decode_tps(engine, prompt: str, max_new: int) -> tuple[float, list[int]]:
+    result = engine.generate(prompt, max_new_tokens=max_new)
+    return result.stats.new_tokens / result.stats.decode_seconds, result.token_ids
+
+
+def llama_cpp_tps(path, prompts: list[str], max_new: int, repeats: int, threads: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False, seed=0)
+    rates = []
+    for _ in range(repeats):
+        for prompt in prompts:
+            llm.reset()
+            stamps = []
+            for _chunk in llm(prompt, max_tokens=max_new, temperature=0.0, top_k=1, stream=True):
+                stamps.append(time.perf_counter())
+            if len(stamps) > 2:  # decode only: from the first streamed token to the last
+                rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {"tokens_per_second": statistics.median(rates)} if rates else None
+
+
+# ---- quality ----------------------------------------------------------------------------------------------
+def perplexity(target, text: str, chunk: int = 64) -> float:
+    model, tok = target.model, target.tokenizer
+    ids = tok.encode(text, add_bos=True)
+    with torch.inference_mode():
+        cache = model.new_cache(len(ids) + 8)
+        hidden = model(torch.tensor(ids), cache)
+        nll = 0.0
+        for start in range(0, len(ids) - 1, chunk):
+            stop = min(start + chunk, len(ids) - 1)
+            logits = model.logits(hidden[start:stop])
+            nll += F.cross_entropy(logits, torch.tensor(ids[start + 1:stop + 1]), reduction="sum").item()
+    return math.exp(nll / (len(ids) - 1)), len(ids) - 1
+
+
+def agreement(ref: list[int], got: list[int]) -> tuple[float, int]:
+    n = min(len(ref), len(got))
+    same = sum(a == b for a, b in zip(ref, got))
+    prefix = next((i for i in range(n) if ref[i] != got[i]), n)
+    return same / max(1, max(len(ref), len(got))), prefix
+
+
+# ---- kernel micro-benchmark -------------------------------------------------------------------------------
+def kernel_table(shapes, Ms, repeats: int) -> list[dict]:
+    """min and median ms of y = x @ W^T for each way of holding W, per shape and M, interleaved."""
+    from gemmaspec.quant import kernels, quantize
+
+    kern = kernels.load()
+    rows = []
+    for N, K in shapes:
+        W = torch.randn(N, K) * 0.02
+        Wb = W.bfloat16()
+        q8 = quantize(W, 8)
+        q4 = quantize(W, 4)
+        w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8)  # per-channel int8 for PyTorch's int8pack
+        s8 = torch.rand(N) * 1e-3
+        g = 32
+        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (N, K), dtype=torch.int32), 1)
+        sz = torch.stack([torch.rand(K // g, N), torch.randn(K // g, N)], -1)
+        for M in Ms:
+            x = torch.randn(M, K)
+            xb = x.bfloat16()
+            cands = {
+                "f32 F.linear": lambda: F.linear(x, W),
+                "bf16 F.linear": lambda: F.linear(xb, Wb),
+                "torch int8pack (bf16 x)": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, s8.bfloat16()),
+                "torch int8pack (f32 x)": lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s8),
+                "torch int4pack (bf16 x)": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, g, sz.bfloat16()),
+                "torch int4pack (f32 x)": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, g, sz),
+            }
+            if kern is not None:
+                cands["ours int8 (f32 x)"] = lambda: kern.linear(q8, x)
+                cands["ours int4 (f32 x)"] = lambda: kern.linear(q4, x)
+            reps = repeats if N * K > 1e7 else repeats * 10
+            times = {name: [] for name in cands}
+            for fn in cands.values():
+                fn()
+            for _ in range(reps):
+                for name, fn in cands.items():
+                    times[name].append(_timed(fn) * 1e3)
+            for name, ts in times.items():
+                rows.append({"shape": [N, K], "M": M, "kernel": name, "min_ms": min(ts),
+                             "median_ms": statistics.median(ts)})
+            print(f"[{N},{K}] M={M}: " + "  ".join(f"{n}: {min(t):.3f}" for n, t in times.items()), flush=True)
+    return rows
+
+
+def print_kernel_table(rows):
+    kernels_ = list(dict.fromkeys(r["kernel"] for r in rows))
+    print("\nmin ms over repeats (median in parentheses), y = x[M,K] @ W[N,K]^T")
+    print("| shape | M | " + " | ".join(kernels_) + " |")
+    print("|---|---|" + "---|" * len(kernels_))
+    keys = list(dict.fromkeys((tuple(r["shape"]), r["M"]) for r in rows))
+    for shape, M in keys:
+        cells = {r["kernel"]: r for r in rows if tuple(r["shape"]) == shape and r["M"] == M}
+        print(f"| {list(shape)} | {M} | " + " | ".join(
+            f"{cells[k]['min_ms']:.3f} ({cells[k]['median_ms']:.3f})" if k in cells else "-" for k in kernels_) + " |")
+
+
+# ---- main -------------------------------------------------------------------------------------------------
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all prompts and formats")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kernels", action="store_true", help="run the matmul micro-benchmark instead")
+    p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+
+    if args.kernels:
+        rows = kernel_table([(262144, 640), (2048, 640)], [1, 2, 5, 9], repeats=max(3, args.repeats))
+        print_kernel_table(rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"threads": threads, "kernels": rows}, f, indent=1)
+        return
+
+    from gemmaspec.drafters import make_drafter
+    from gemmaspec.engine import Engine
+    from gemmaspec.loading import default_model_path
+    from gemmaspec.quant import weight_bytes
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bandwidth = read_bandwidth_gbs()
+    print(f"threads {threads}; read bandwidth {bandwidth:.1f} GB/s (best of 9 passes over 1 GiB)", flush=True)
+    engines, info = {}, {}
+    for fmt in formats:
+        target, load_s = load_format(fmt)
+        engines[fmt] = Engine(target, make_drafter("none", target), 0)
+        info[fmt] = {"load_seconds": load_s, "bytes_per_token": weight_bytes(target.model), "notes": target.notes}
+        print(f"loaded {fmt} in {load_s:.1f} s: {info[fmt]['bytes_per_token'] / 1e6:.0f} MB per token; "
+              f"{'; '.join(target.notes) or '-'}", flush=True)
+    for engine in engines.values():  # warm up (kernel build, first-call allocations)
+        engine.generate(PROMPTS[0], max_new_tokens=4)
+
+    rates = {fmt: [] for fmt in formats}
+    tokens = {fmt: {} for fmt in formats}
+    for _ in range(args.repeats):
+        for i, prompt in enumerate(PROMPTS):
+            for fmt, engine in engines.items():
+                tps, ids = decode_tps(engine, prompt, args.max_new_tokens)
+                rates[fmt].append(tps)
+                tokens[fmt][i] = ids
+    results = {}
+    for fmt in formats:
+        tps = statistics.median(rates[fmt])
+        limit = bandwidth * 1e9 / info[fmt]["bytes_per_token"]
+        results[fmt] = dict(info[fmt], tokens_per_second=tps, limit_tokens_per_second=limit,
+                            fraction_of_limit=tps / limit)
+    path = default_model_path()
+    llama = llama_cpp_tps(path, PROMPTS, args.max_new_tokens, args.repeats, threads)
+    if llama is not None:
+        nbytes = gguf_bytes_per_token(path)
+        limit = bandwidth * 1e9 / nbytes
+        results["llama.cpp"] = dict(llama, bytes_per_token=nbytes, limit_tokens_per_second=limit,
+                                    fraction_of_limit=llama["tokens_per_second"] / limit)
+
+    if not args.no_quality:
+        ref_fmt = "float32" if "float32" in formats else formats[0]
+        for fmt in formats:
+            fracs, prefixes = zip(*(agreement(tokens[ref_fmt][i], tokens[fmt][i]) for i in tokens[fmt]))
+            ppl, n = perplexity(engines[fmt].target, HELD_OUT)
+            results[fmt].update(greedy_agreement=statistics.mean(fracs), common_prefix=statistics.mean(prefixes),
+                                perplexity=ppl, perplexity_tokens=n)
+
+    base = results.get("float32", {}).get("tokens_per_second")
+    print(f"\nplain decoding, default model, {args.max_new_tokens} new tokens x {len(PROMPTS)} prompts x "
+          f"{args.repeats} rounds, medians; {threads} threads; bandwidth {bandwidth:.1f} GB/s")
+    print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | agree w/ f32 | prefix | ppl | load s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        vs = f"{r['tokens_per_second'] / base:.2f}x" if base else "-"
+        q = (f"{r['greedy_agreement']:.0%} | {r['common_prefix']:.1f} | {r['perplexity']:.2f}"
+             if "perplexity" in r else "- | - | -")
+        print(f"| {name} | {r['bytes_per_token'] / 1e6:.0f} | {r['tokens_per_second']:.1f} | {vs} | "
+              f"{r['limit_tokens_per_second']:.1f} | {r['fraction_of_limit']:.0%} | {q} | "
+              f"{r.get('load_seconds', float('nan')):.1f} |")
+    if llama is None:
+        print("(llama.cpp: `llama-cpp-python` is not installed; skipped)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"threads": threads, "bandwidth_gbs": bandwidth, "max_new_tokens": args.max_new_tokens,
+                       "repeats": args.repeats, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

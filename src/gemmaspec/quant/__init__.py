@@ -1,0 +1,112 @@
+"""Low-bit weights for memory-bound decoding: int8 / int4 with per-group scales (issue 9).
+
+Plain decoding reads every weight once per token, so tokens/s is bounded by bytes of weights / memory
+bandwidth; holding weights in 8 or 4 bits raises that bound 4-7x over float32.
+
+- `formats.py`  the QuantizedWeight format (a Linear's weight and an embedding table) and its matmuls
+- `kernels.py`  the small C kernel for those matmuls on CPUs (compiled on first use; PyTorch fallback)
+- `gguf.py`     GGUF Q8_0 / Q5_0 / Q6_K / Q4_K / Q4_0 tensors repacked exactly, tensor by tensor
+
+`--weights`:  int8 / int4 quantize every Linear and the (tied) embedding; `auto` keeps a quantized GGUF's
+own precision (each tensor in the int format that holds it exactly) on CPUs where the kernel builds, and the
+float `--dtype` everywhere else (float checkpoints, CUDA where float is fast, no C compiler).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import kernels
+from .formats import GROUP, QuantizedWeight, concat, quantize, replace_parameter, set_linear
+
+__all__ = ["QuantizedWeight", "quantize", "quantize_model", "load_gguf_model", "resolve_weights",
+           "weight_bytes", "kernels"]
+
+BITS = {"int8": 8, "int4": 4}
+
+
+def resolve_weights(weights: str | None, gguf: "object | None", device: torch.device) -> str | None:
+    """What `--weights` means here: 'int8', 'int4', 'native' (a GGUF's own precision) or None (float)."""
+    if weights in BITS:
+        return weights
+    if weights != "auto" or gguf is None:
+        return None
+    from .gguf import has_quantized_matrices
+
+    if device.type != "cpu" or kernels.load() is None or not has_quantized_matrices(gguf.info):
+        return None
+    return "native"
+
+
+def load_gguf_model(folder: Path, source: Path, weights: str | None, dtype: torch.dtype, device: torch.device,
+                    notes: list[str]):
+    """A model whose weights come packed straight from the GGUF file, or None when they stay float."""
+    from ..errors import ModelFileError
+    from ..loading import read_config
+    from ..models import build_model
+    from .gguf import GGUFTensors, load_gemma3
+
+    if weights not in BITS and weights != "auto":
+        return None
+    gguf = GGUFTensors(source)
+    fmt = resolve_weights(weights, gguf, device)
+    if fmt is None:
+        return None
+    model = build_model(read_config(folder))
+    if model.config.model_type != "gemma3_text":
+        raise ModelFileError(f"{source}: packed GGUF loading supports gemma3 only")
+    with torch.no_grad():
+        load_gemma3(model, gguf, BITS.get(fmt), dtype)
+    model.to(device)
+    model.eval()
+    notes.append(_note(model, fmt, device))
+    return model
+
+
+def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None = None) -> torch.nn.Module:
+    """Quantize a float model in place, tensor by tensor: every Linear and the (tied) embedding tables."""
+    from ..models.layers import Linear
+
+    bits = BITS[weights]
+    dtype = model.dtype
+    with torch.no_grad():
+        for name in ("embed_tokens", "embed_tokens_per_layer"):
+            table = model._parameters.get(name)
+            if table is None or table.dim() != 2 or table.shape[1] % GROUP:
+                continue
+            packed = quantize(table.data, bits, dtype=dtype)
+            tied = [m for m in model.modules() if isinstance(m, Linear) and m.weight is table]
+            replace_parameter(model, name, packed)
+            for linear in tied:
+                set_linear(linear, packed)
+            del table
+        for module in list(model.modules()):
+            if isinstance(module, Linear) and module.qweight is None and module.in_features % GROUP == 0:
+                set_linear(module, quantize(module.weight.data, bits, dtype=dtype))
+    if notes is not None:
+        notes.append(_note(model, weights, next(model.buffers()).device))
+    return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matrix once (a tied table counts once, as the LM head)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = []
+        if isinstance(module, QuantizedWeight):
+            tensors = [t for t in (module.q, module.scales, module.bias) if t is not None]
+        else:
+            tensors = [p for p in module.parameters(recurse=False)]
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _note(model, fmt: str, device: torch.device) -> str:
+    what = "each tensor in the int8/int4 format of the GGUF file" if fmt == "native" else fmt
+    how = kernels.status() if device.type == "cpu" else "CUDA"
+    return f"weights held as {what} ({weight_bytes(model) / 1e6:.0f} MB; matmuls: {how})"

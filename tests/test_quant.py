@@ -1,0 +1,207 @@
+"""Low-bit weights (issue 9): quantized matmuls against their dequantized reference, exact GGUF repacks, and
+lossless speculation on a quantized tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gemmaspec.drafters import make_drafter
+from gemmaspec.engine import Engine
+from gemmaspec.loading import load_model
+from gemmaspec.quant import QuantizedWeight, kernels, quantize
+from gemmaspec.quant.formats import concat
+from gemmaspec.quant.gguf import DECODERS, repack
+
+KERNEL = kernels.load()
+BACKENDS = ["kernel", "torch"] if KERNEL is not None else ["torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    if request.param == "torch":  # the PyTorch fallback where no C compiler exists
+        monkeypatch.setattr(kernels, "load", lambda: None)
+    return request.param
+
+
+def _weight(N=300, K=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    w[:, 7] *= 20  # an outlier column, as real weights have
+    return w
+
+
+def _reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ qw.dequantize(dtype=torch.float32).double().t()).float()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 2, 5, 40])  # 40 > SMALL_M: the dequantize-in-blocks + GEMM path
+def test_matmul_equals_dequantized_reference(backend, bits, M):
+    w = _weight()
+    qw = quantize(w, bits)
+    x = torch.randn(M, w.shape[1])
+    y = qw.linear(x)
+    ref = _reference(qw, x)
+    assert y.shape == (M, w.shape[0]) and y.dtype == torch.float32
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()  # float32 rounding only
+    # and the format's own error against the float weights: rounding to the group's grid
+    groups = w.view(w.shape[0], -1, 32)
+    err = (qw.dequantize() - w).view_as(groups).abs()
+    if bits == 8:  # half a step of max|w| / 127
+        assert (err.amax(-1) <= 0.5 * groups.abs().amax(-1) / 127 + 1e-6).all()
+    else:  # least-squares fit of the min/max grid: within a step, and about the rounding noise on average
+        step = (groups.amax(-1) - groups.amin(-1)) / 15
+        assert (err.amax(-1) <= step + 1e-6).all()
+        assert (err.pow(2).mean(-1).sqrt() <= 0.35 * step + 1e-6).all()  # uniform rounding: step / sqrt(12)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bfloat16_activations_and_leading_dims(bits):
+    qw = quantize(_weight(K=64), bits, dtype=torch.bfloat16)
+    x = torch.randn(3, 2, 64).bfloat16()
+    y = qw.linear(x)
+    assert y.shape == (3, 2, 300) and y.dtype == torch.bfloat16
+    ref = _reference(qw, x.float().reshape(6, 64)).reshape(3, 2, 300)
+    assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_rows_do_not_depend_on_M(bits):
+    """Each row of x is accumulated in the same order whatever M is: verification logits equal decode ones."""
+    qw = quantize(_weight(N=257, K=640), bits)
+    x = torch.randn(9, 640)
+    full = qw.linear(x)
+    for m in range(9):
+        assert torch.equal(qw.linear(x[m:m + 1]), full[m:m + 1])
+    assert torch.equal(qw.linear(x[2:7]), full[2:7])
+
+
+def test_embedding_lookup_dequantizes_rows():
+    for bits in (8, 4):
+        qw = quantize(_weight(), bits)
+        ids = torch.tensor([[3, 0, 299], [5, 5, 7]])
+        rows = qw[ids]
+        assert rows.shape == (2, 3, 128)
+        assert torch.equal(rows, qw.dequantize()[ids])
+
+
+def test_concat_mixed_formats_is_exact():
+    """Fused projections whose parts differ (int4 next to int8, float32 next to float16 scales, group 16)."""
+    a, b = quantize(_weight(N=40, seed=1), 4), quantize(_weight(N=24, seed=2), 8)
+    c = QuantizedWeight(8, b.q[:8].clone(), b.scales[:8].float().repeat_interleave(2, 1), None, 16, 128)
+    fused = concat([a, b, c])
+    assert fused.bits == 8 and fused.group == 16 and fused.scales.dtype == torch.float32
+    want = torch.cat([a.dequantize(), b.dequantize(), c.dequantize()])
+    assert torch.equal(fused.dequantize(), want)
+    x = torch.randn(3, 128)
+    assert (fused.linear(x) - _reference(fused, x)).abs().max() <= 1e-5 * want.abs().max() * 128
+
+
+# ---- GGUF blocks ------------------------------------------------------------------------------------------
+_BLOCKS = {"Q8_0": (32, 34, [0]), "Q5_0": (32, 22, [0]), "Q4_0": (32, 18, [0]), "Q4_K": (256, 144, [0, 2]),
+           "Q6_K": (256, 210, [208])}  # values per block, bytes per block, offsets of float16 scales
+
+
+def _random_blocks(type_name: str, rows: int, K: int, seed: int = 0) -> np.ndarray:
+    per, size, f16_at = _BLOCKS[type_name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, K // per, size), dtype=np.uint8)
+    for at in f16_at:  # sane scales instead of random float16 bit patterns (NaN, inf)
+        raw[:, :, at:at + 2] = (rng.uniform(0.001, 0.02, size=(rows, K // per, 1))).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", sorted(DECODERS))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gguf_repack_matches_gguf_dequantize(type_name, bits):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    N, K = 6, 512
+    raw = _random_blocks(type_name, N, K)
+    want = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(N, K).astype(np.float32))
+    qw = repack(raw, type_name, N, K, bits, torch.float32)
+    got = qw.dequantize()
+    if bits == 8 or type_name in ("Q4_K", "Q4_0"):  # the file's own integers and scales: exact
+        assert qw.bits == bits
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    else:  # fewer bits than the file has: requantized, within an int4 step per group
+        step = (want.view(N, -1, 32).amax(-1) - want.view(N, -1, 32).amin(-1)) / 15
+        assert ((got - want).view(N, -1, 32).abs().amax(-1) <= step + 1e-3 * step.max()).all()
+    x = torch.randn(3, K)
+    assert (qw.linear(x) - _reference(qw, x)).abs().max() <= 1e-5 * _reference(qw, x).abs().max()
+
+
+def test_default_gguf_repacks_equal_the_converted_float_weights():
+    """Every tensor type of the default file, repacked natively, equals its float conversion (same file)."""
+    from safetensors import safe_open
+
+    from gemmaspec.loading import default_model_path
+    from gemmaspec.loading.gguf_convert import _hf_name, converted_folder
+    from gemmaspec.quant.gguf import GGUFTensors
+
+    path = default_model_path()
+    gguf = GGUFTensors(path)
+    seen = {}
+    for t in gguf.info.tensors:
+        if len(t.dims) == 2 and t.type_name not in seen and t.name != "token_embd.weight":
+            seen[t.type_name] = t
+    with safe_open(str(converted_folder(path) / "model.safetensors"), framework="pt") as f:
+        for type_name, t in seen.items():
+            qw = gguf.packed(t.name, None, torch.float32)
+            want = f.get_tensor(_hf_name(t.name))
+            assert torch.equal(qw.dequantize(), want), (type_name, t.name)
+        emb = gguf.by_name["token_embd.weight"]  # the first rows of the Q8_0 embedding
+        rows = 1000
+        raw = gguf.raw(emb, 0, rows)
+        qw = repack(raw, emb.type_name, rows, gguf.shape(emb)[1], 8, torch.float32)
+        assert torch.equal(qw.dequantize(), f.get_slice("model.embed_tokens.weight")[:rows])
+
+
+# ---- a quantized tiny model decodes losslessly --------------------------------------------------------------
+PROMPTS = [
+    [2, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11],
+    [2, 50, 7, 33, 90, 61, 5],
+    [2] + list(range(20, 60)),  # 41 tokens: prefill takes the large-M path
+]
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized_tiny(request, tiny_gemma3_dir):
+    return load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights=request.param)
+
+
+def _engine(target, drafter, k):
+    engine = Engine(target, make_drafter(drafter, target), k)
+    engine.eos_ids = set()
+    return engine
+
+
+def test_quantized_tiny_model_is_quantized(quantized_tiny, tiny_gemma3_dir):
+    model = quantized_tiny.model
+    assert isinstance(model.embed_tokens, QuantizedWeight)
+    assert model.lm_head.qweight is model.embed_tokens  # tied, held once
+    assert all(layer.qkv_proj.qweight is not None and layer.qkv_proj.weight is None for layer in model.layers)
+    assert model.dtype == torch.float32
+    assert any("weights held as int" in n for n in quantized_tiny.notes)
+    float_model = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu").model
+    with torch.inference_mode():
+        ids = torch.tensor(PROMPTS[2])
+        a = model.logits(model(ids, model.new_cache(64)))
+        b = float_model.logits(float_model(ids, float_model.new_cache(64)))
+    assert (a - b).abs().max() < 0.25 * b.abs().max()  # close to the float model, not equal
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_quantized_greedy_equals_plain_decoding(quantized_tiny, drafter, k):
+    plain = _engine(quantized_tiny, "none", 0)
+    spec = _engine(quantized_tiny, drafter, k)
+    for prompt in PROMPTS:
+        want = plain.generate(prompt, max_new_tokens=40).token_ids
+        got = spec.generate(prompt, max_new_tokens=40)
+        assert got.token_ids == want
+        assert got.stats.new_tokens == 40
