@@ -142,80 +142,59 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-// ---- fused tiles: up to 4 rows of x against one weight row, weights converted once per tile ----------
-// Every row of x is accumulated in the same order whatever M is, so y[m] does not depend on M bitwise.
-#define MT 4
+// ---- fused tiles: up to MT rows of x against one weight row, each weight converted once per tile -------
+// Every row of x is accumulated in the same order whatever M is, so y[m] does not depend on M bitwise
+// (speculative verification sees exactly the values plain decoding would). BITS, MT are constants at each
+// call site, so the format branches fold away and the accumulators stay in registers.
+#define MT 5
 #ifdef GSQ_AVX2
-static inline __attribute__((always_inline)) void tile(int bits, int f32, const void *qrow, const void *s,
+static inline __attribute__((always_inline)) void tile(const int BITS, int f32, const void *qrow, const void *s,
         const void *b, int K, int g, const float *x, const float *xs, int G, const int mt, float *r) {
-    __m256 tot[MT][2], acc[MT][2];
+    __m256 tot[MT], acc[MT];
     float bacc[MT];
-    for (int m = 0; m < mt; m++) { tot[m][0] = tot[m][1] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
+    for (int m = 0; m < mt; m++) { tot[m] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
     const __m128i m4 = _mm_set1_epi8(0x0f);
     for (int j = 0; j < K / g; j++) {
-        for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
         const int k0 = j * g;
-        if (bits == 8) {
-            const int8_t *qj = (const int8_t *)qrow + k0;
-            for (int c = 0; c < g; c += 16) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(qj + c));
-                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-                for (int m = 0; m < mt; m++) {
-                    const float *xm = x + (size_t)m * K + k0 + c;
-                    acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
-                    acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
-                }
+        for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps();
+        for (int c = 0; c < g; c += 16) {  // 16 weights -> two vectors of 8 floats
+            __m128i v;
+            if (BITS == 8) {
+                v = _mm_loadu_si128((const __m128i *)((const int8_t *)qrow + k0 + c));
+            } else {  // low nibbles of a 32-value chunk's 16 bytes, then its high nibbles
+                __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)qrow + (k0 + (c & ~31)) / 2));
+                v = (c & 16) ? _mm_and_si128(_mm_srli_epi16(raw, 4), m4) : _mm_and_si128(raw, m4);
             }
-        } else {
-            const uint8_t *qj = (const uint8_t *)qrow + k0 / 2;
-            for (int c = 0; c < g; c += 32) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(qj + c / 2));
-                __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                for (int m = 0; m < mt; m++) {
-                    const float *xm = x + (size_t)m * K + k0 + c;
-                    acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
-                    acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
-                }
-                w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-                for (int m = 0; m < mt; m++) {
-                    const float *xm = x + (size_t)m * K + k0 + c + 16;
-                    acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
-                    acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
-                }
+            const __m256 w0 = _mm256_cvtepi32_ps(BITS == 8 ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+            const __m128i v8 = _mm_srli_si128(v, 8);
+            const __m256 w1 = _mm256_cvtepi32_ps(BITS == 8 ? _mm256_cvtepi8_epi32(v8) : _mm256_cvtepu8_epi32(v8));
+            for (int m = 0; m < mt; m++) {
+                const float *xm = x + (size_t)m * K + k0 + c;
+                acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m]);
+                acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m]);
             }
         }
         const __m256 vs = _mm256_set1_ps(SC(s, j));
-        for (int m = 0; m < mt; m++) {
-            tot[m][0] = _mm256_fmadd_ps(acc[m][0], vs, tot[m][0]);
-            tot[m][1] = _mm256_fmadd_ps(acc[m][1], vs, tot[m][1]);
-        }
+        for (int m = 0; m < mt; m++) tot[m] = _mm256_fmadd_ps(acc[m], vs, tot[m]);
         if (b) {
             const float bj = SC(b, j);
             for (int m = 0; m < mt; m++) bacc[m] += bj * xs[(size_t)m * G + j];
         }
     }
-    for (int m = 0; m < mt; m++) r[m] = hsum(_mm256_add_ps(tot[m][0], tot[m][1])) + bacc[m];
+    for (int m = 0; m < mt; m++) r[m] = hsum(tot[m]) + bacc[m];
 }
 #else
-static void tile(int bits, int f32, const void *qrow, const void *s, const void *b, int K, int g,
+static void tile(const int BITS, int f32, const void *qrow, const void *s, const void *b, int K, int g,
                  const float *x, const float *xs, int G, const int mt, float *r) {
     for (int m = 0; m < mt; m++) {
         float tot = 0.0f, bacc = 0.0f;
         for (int j = 0; j < K / g; j++) {
             float acc = 0.0f;
-            const float *xm = x + (size_t)m * K + (size_t)j * g;
-            if (bits == 8) {
-                const int8_t *qj = (const int8_t *)qrow + (size_t)j * g;
-                for (int c = 0; c < g; c++) acc += (float)qj[c] * xm[c];
-            } else {
-                const uint8_t *qj = (const uint8_t *)qrow + (size_t)j * g / 2;
-                for (int c = 0; c < g; c += 32)
-                    for (int i = 0; i < 16; i++)
-                        acc += (float)(qj[c / 2 + i] & 0x0f) * xm[c + i] + (float)(qj[c / 2 + i] >> 4) * xm[c + i + 16];
+            for (int c = 0; c < g; c++) {
+                const int k = j * g + c;  // int4: byte (k & ~31) / 2 + (k & 15), high nibble when k & 16
+                const float v = BITS == 8 ? (float)((const int8_t *)qrow)[k]
+                    : (float)((((const uint8_t *)qrow)[(k & ~31) / 2 + (k & 15)] >> ((k & 16) ? 4 : 0)) & 15);
+                acc += v * x[(size_t)m * K + k];
             }
             tot += acc * SC(s, j);
             if (b) bacc += SC(b, j) * xs[(size_t)m * G + j];
@@ -239,22 +218,27 @@ void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, 
             xs[i] = acc;
         }
     }
-    const size_t row_bytes = bits == 8 ? (size_t)K : (size_t)K / 2;
+    const size_t row_bytes = bits == 8 ? (size_t)K : (size_t)K / 2, srow = (size_t)G * (f32 ? 4 : 2);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const void *qrow = (const char *)q + (size_t)n * row_bytes;
-        const char *sn = (const char *)s + (size_t)n * G * (f32 ? 4 : 2);
-        const char *bn = b ? (const char *)b + (size_t)n * G * (f32 ? 4 : 2) : NULL;
+        const char *sn = (const char *)s + (size_t)n * srow, *bn = b ? (const char *)b + (size_t)n * srow : NULL;
         float r[MT];
         for (int m0 = 0; m0 < M; m0 += MT) {
             const int mt = M - m0 < MT ? M - m0 : MT;
             const float *xm = x + (size_t)m0 * K, *xsm = xs ? xs + (size_t)m0 * G : NULL;
-            switch (mt) {  // constant tile sizes, so the accumulators stay in registers
-                case 4: tile(bits, f32, qrow, sn, bn, K, g, xm, xsm, G, 4, r); break;
-                case 3: tile(bits, f32, qrow, sn, bn, K, g, xm, xsm, G, 3, r); break;
-                case 2: tile(bits, f32, qrow, sn, bn, K, g, xm, xsm, G, 2, r); break;
-                default: tile(bits, f32, qrow, sn, bn, K, g, xm, xsm, G, 1, r); break;
-            }
+#define TILE(BITS, MTC) tile(BITS, f32, qrow, sn, bn, K, g, xm, xsm, G, MTC, r)
+#define TILES(BITS)                          \
+    switch (mt) {                            \
+        case 5: TILE(BITS, 5); break;        \
+        case 4: TILE(BITS, 4); break;        \
+        case 3: TILE(BITS, 3); break;        \
+        case 2: TILE(BITS, 2); break;        \
+        default: TILE(BITS, 1); break;       \
+    }
+            if (bits == 8) TILES(8) else TILES(4)
+#undef TILES
+#undef TILE
             for (int i = 0; i < mt; i++) y[(size_t)(m0 + i) * N + n] = r[i];
         }
     }
