@@ -80,8 +80,8 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "default", drafter: str = "auto", dtype: str = "auto", device: str = "auto",
-             draft_tokens: int | str = "auto") -> "Engine":
-        target = load_model(model, dtype=dtype, device=device)
+             draft_tokens: int | str = "auto", weights: str = "auto") -> "Engine":
+        target = load_model(model, dtype=dtype, device=device, weights=weights)
         return cls(target, make_drafter(drafter, target), draft_tokens)
 
     @property
