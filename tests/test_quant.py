@@ -38,16 +38,17 @@ def _reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M", [1, 2, 5, 40])  # 40 > SMALL_M: the dequantize-in-blocks + GEMM path
-def test_matmul_equals_dequantized_reference(backend, bits, M):
+@pytest.mark.parametrize("group", [32, 16])
+def test_matmul_equals_dequantized_reference(backend, bits, M, group):
     w = _weight()
-    qw = quantize(w, bits)
+    qw = quantize(w, bits, group=group)
     x = torch.randn(M, w.shape[1])
     y = qw.linear(x)
     ref = _reference(qw, x)
     assert y.shape == (M, w.shape[0]) and y.dtype == torch.float32
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()  # float32 rounding only
     # and the format's own error against the float weights: rounding to the group's grid
-    groups = w.view(w.shape[0], -1, 32)
+    groups = w.view(w.shape[0], -1, group)
     err = (qw.dequantize() - w).view_as(groups).abs()
     if bits == 8:  # half a step of max|w| / 127
         assert (err.amax(-1) <= 0.5 * groups.abs().amax(-1) / 127 + 1e-6).all()

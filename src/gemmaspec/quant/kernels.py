@@ -93,31 +93,23 @@ static void deq_row_i8(const int8_t *q, const void *s, const void *b, int f32, i
 }
 
 static void deq_row_i4(const uint8_t *q, const void *s, const void *b, int f32, int K, int g, float *out) {
-    for (int j = 0; j < K / g; j++) {
+    // values in 32-value chunks of 16 bytes (value i | value i + 16 << 4); groups of 16 or a multiple of 32
+    for (int k = 0; k < K; k += 16) {
+        const int j = k / g;
         const float sc = SC(s, j), bi = b ? SC(b, j) : 0.0f;
-        const uint8_t *qj = q + (size_t)j * g / 2;
-        float *o = out + (size_t)j * g;
+        const uint8_t *qc = q + (k & ~31) / 2;
+        const int shift = (k & 16) ? 4 : 0;
+        float *o = out + k;
 #ifdef GSQ_AVX2
         const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
-        const __m128i m4 = _mm_set1_epi8(0x0f);
-        for (int c = 0; c < g; c += 32) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(qj + c / 2));
-            __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-            __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-            __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-            _mm256_storeu_ps(o + c, _mm256_add_ps(_mm256_mul_ps(w0, vs), vb));
-            _mm256_storeu_ps(o + c + 8, _mm256_add_ps(_mm256_mul_ps(w1, vs), vb));
-            _mm256_storeu_ps(o + c + 16, _mm256_add_ps(_mm256_mul_ps(w2, vs), vb));
-            _mm256_storeu_ps(o + c + 24, _mm256_add_ps(_mm256_mul_ps(w3, vs), vb));
-        }
+        __m128i raw = _mm_loadu_si128((const __m128i *)qc);
+        __m128i v = _mm_and_si128(shift ? _mm_srli_epi16(raw, 4) : raw, _mm_set1_epi8(0x0f));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(w0, vs), vb));
+        _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_mul_ps(w1, vs), vb));
 #else
-        for (int c = 0; c < g; c += 32)
-            for (int i = 0; i < 16; i++) {
-                o[c + i] = (float)(qj[c / 2 + i] & 0x0f) * sc + bi;
-                o[c + i + 16] = (float)(qj[c / 2 + i] >> 4) * sc + bi;
-            }
+        for (int i = 0; i < 16; i++) o[i] = (float)((qc[i] >> shift) & 0x0f) * sc + bi;
 #endif
     }
 }
@@ -144,12 +136,12 @@ static inline float hsum(__m256 v) {
 
 // ---- fused tiles: up to MT rows of x against one weight row, each weight converted once per tile -------
 // Every row of x is accumulated in the same order whatever M is, so y[m] does not depend on M bitwise
-// (speculative verification sees exactly the values plain decoding would). BITS, MT are constants at each
-// call site, so the format branches fold away and the accumulators stay in registers.
+// (speculative verification sees exactly the values plain decoding would). BITS, MT (and the usual group
+// sizes) are constants at each call site, so branches fold away and the accumulators stay in registers.
 #define MT 5
 #ifdef GSQ_AVX2
 static inline __attribute__((always_inline)) void tile(const int BITS, int f32, const void *qrow, const void *s,
-        const void *b, int K, int g, const float *x, const float *xs, int G, const int mt, float *r) {
+        const void *b, int K, const int g, const float *x, const float *xs, int G, const int mt, float *r) {
     __m256 tot[MT], acc[MT];
     float bacc[MT];
     for (int m = 0; m < mt; m++) { tot[m] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
@@ -161,9 +153,10 @@ static inline __attribute__((always_inline)) void tile(const int BITS, int f32, 
             __m128i v;
             if (BITS == 8) {
                 v = _mm_loadu_si128((const __m128i *)((const int8_t *)qrow + k0 + c));
-            } else {  // low nibbles of a 32-value chunk's 16 bytes, then its high nibbles
-                __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)qrow + (k0 + (c & ~31)) / 2));
-                v = (c & 16) ? _mm_and_si128(_mm_srli_epi16(raw, 4), m4) : _mm_and_si128(raw, m4);
+            } else {  // values k..k+15 are the low nibbles of their 32-value chunk's 16 bytes, or the high ones
+                const int k = k0 + c;
+                __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)qrow + (k & ~31) / 2));
+                v = (k & 16) ? _mm_and_si128(_mm_srli_epi16(raw, 4), m4) : _mm_and_si128(raw, m4);
             }
             const __m256 w0 = _mm256_cvtepi32_ps(BITS == 8 ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
             const __m128i v8 = _mm_srli_si128(v, 8);
@@ -227,16 +220,20 @@ void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, 
         for (int m0 = 0; m0 < M; m0 += MT) {
             const int mt = M - m0 < MT ? M - m0 : MT;
             const float *xm = x + (size_t)m0 * K, *xsm = xs ? xs + (size_t)m0 * G : NULL;
-#define TILE(BITS, MTC) tile(BITS, f32, qrow, sn, bn, K, g, xm, xsm, G, MTC, r)
-#define TILES(BITS)                          \
-    switch (mt) {                            \
-        case 5: TILE(BITS, 5); break;        \
-        case 4: TILE(BITS, 4); break;        \
-        case 3: TILE(BITS, 3); break;        \
-        case 2: TILE(BITS, 2); break;        \
-        default: TILE(BITS, 1); break;       \
+#define TILE(BITS, GC, MTC) tile(BITS, f32, qrow, sn, bn, K, GC, xm, xsm, G, MTC, r)
+#define TILES(BITS, GC)                          \
+    switch (mt) {                                \
+        case 5: TILE(BITS, GC, 5); break;        \
+        case 4: TILE(BITS, GC, 4); break;        \
+        case 3: TILE(BITS, GC, 3); break;        \
+        case 2: TILE(BITS, GC, 2); break;        \
+        default: TILE(BITS, GC, 1); break;       \
     }
-            if (bits == 8) TILES(8) else TILES(4)
+            if (bits == 8) {
+                if (g == 32) TILES(8, 32) else if (g == 16) TILES(8, 16) else TILES(8, g)
+            } else {
+                if (g == 32) TILES(4, 32) else if (g == 16) TILES(4, 16) else TILES(4, g)
+            }
 #undef TILES
 #undef TILE
             for (int i = 0; i < mt; i++) y[(size_t)(m0 + i) * N + n] = r[i];
