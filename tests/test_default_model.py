@@ -69,9 +69,19 @@ def test_ngram_lossless_on_default_model(default_engine, k):
     _check_lossless(default_engine, "ngram", [k], ["code", "copy"])
 
 
+def test_shipped_mtp_drafter_is_paired_and_lossless(default_engine):
+    from gemmaspec.drafters.hybrid import HybridDrafter
+    from gemmaspec.drafters.mtp import find_paired_assistant
+
+    assert find_paired_assistant(default_engine.target) is not None  # shipped with the package
+    assert isinstance(make_drafter("auto", default_engine.target), HybridDrafter)
+    _check_lossless(default_engine, "mtp", [4, "auto"], ["code", "json"])
+
+
 @pytest.mark.slow
-def test_every_drafter_and_k_lossless_on_default_model(default_engine):
-    _check_lossless(default_engine, "ngram", [1, 2, 4, 8], list(PROMPTS))
+@pytest.mark.parametrize("drafter", ["ngram", "mtp", "auto"])
+def test_every_drafter_and_k_lossless_on_default_model(default_engine, drafter):
+    _check_lossless(default_engine, drafter, [1, 2, 4, 8, "auto"], list(PROMPTS))
 
 
 def _check_lossless(engine, drafter, ks, prompt_names):
