@@ -15,39 +15,8 @@ import time
 
 import torch
 
-PROMPTS = [
-    "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
-    "The history of the printing press begins in",
-    '{"users": [{"id": 1, "name": "Ada", "role": "admin"}, {"id": 2, "name": "',
-    "Question: A train travels 60 km in 45 minutes. What is its average speed in km/h?\nAnswer:",
-]
-
-
-def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 7) -> float:
-    """Read bandwidth of a large initialised tensor (torch.empty would read the shared zero page)."""
-    x = torch.randn(megabytes * 2**20 // 4)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times) / 1e9
-
-
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of every matrix a decode step reads once (all Linear layers, the tied LM head included)."""
-    from gemmaspec.models.layers import Linear
-
-    seen, total = set(), 0
-    for module in model.modules():
-        if isinstance(module, Linear):
-            nbytes = module.nbytes() if hasattr(module, "nbytes") else module.weight.numel() * module.weight.element_size()
-            key = id(module.weight)
-            if key not in seen:
-                seen.add(key)
-                total += nbytes
-    return total
+# The same prompts and bandwidth measurement as the weight-format benchmark (scripts/ is on sys.path).
+from bench_weights import PROMPTS, read_bandwidth_gbs  # noqa: E402
 
 
 def ours(engine, prompt: str, max_new: int) -> float:
@@ -82,6 +51,7 @@ def main() -> None:
     from gemmaspec.drafters import Drafter
     from gemmaspec.engine import Engine
     from gemmaspec.loading import load_model
+    from gemmaspec.quant import weight_bytes
 
     target = load_model("default", dtype=args.dtype, device="cpu", weights=args.weights)
     engine = Engine(target, Drafter(), 0)
@@ -100,7 +70,7 @@ def main() -> None:
                 row["hf"] = transformers_tps(hf, engine.encode_prompt(prompt), args.max_new_tokens)
             rows.append(row)
     bandwidth = read_bandwidth_gbs()
-    nbytes = weight_bytes_per_token(target.model)
+    nbytes = weight_bytes(target.model)
     limit = bandwidth * 1e9 / nbytes
     ours_tps = statistics.median(r["ours"] for r in rows)
     report = {
