@@ -86,7 +86,8 @@ def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None
             if isinstance(module, Linear) and module.qweight is None and module.in_features % GROUP == 0:
                 set_linear(module, quantize(module.weight.data, bits, dtype=dtype))
     if notes is not None:
-        notes.append(_note(model, weights, next(model.buffers()).device))
+        device = next((t.device for t in model.buffers()), torch.device("cpu"))
+        notes.append(_note(model, weights, device))
     return model
 
 
