@@ -37,9 +37,9 @@ from torch import nn
 
 from ..cache import AttentionView, KVCache
 from ..errors import ModelFileError
-from .gemma3 import Gemma3Config, _Getter
+from .gemma3 import Gemma3Config
 from .gemma4 import _ACTIVATIONS, FULL, SLIDING, Gemma4Config, gemma4_inv_freq
-from .layers import Linear, RMSNorm, apply_rope, rope_cos_sin
+from .layers import Linear, RMSNorm, TensorGetter, apply_rope, rope_cos_sin
 
 ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 _TEXT_TYPES = {"gemma4_assistant": "gemma4_text", "gemma4_unified_assistant": "gemma4_unified_text"}
@@ -510,7 +510,7 @@ class AssistantModel(nn.Module):
 
     def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load HF-named tensors (Gemma4AssistantForCausalLM naming); fuses gate/up, keeps norms float32."""
-        get = _Getter(tensors)
+        get = TensorGetter(tensors)
         cfg = self.config
         if not cfg.tie_target_embeddings:
             head = "lm_head.weight" if get.has("lm_head.weight") else "model.embed_tokens.weight"

@@ -13,7 +13,19 @@ import torch
 from torch import nn
 
 from ..cache import CacheLayerSpec, KVCache
-from .layers import Linear, RMSNorm, apply_rope, attend, embed_scale, gelu_tanh, rope_cos_sin, rope_inv_freq
+from .layers import (
+    Linear,
+    RMSNorm,
+    TensorGetter,
+    apply_rope,
+    attend,
+    embed_scale,
+    gelu_tanh,
+    lm_logits,
+    rope_cos_sin,
+    rope_inv_freq,
+    tie_lm_head,
+)
 
 
 @dataclass
@@ -163,20 +175,14 @@ class Gemma3Model(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
-        cap = self.config.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return lm_logits(self.lm_head, hidden, self.config.final_logit_softcapping)
 
     # ---- weights -----------------------------------------------------------------------------
     def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load HF-named tensors (Gemma3ForCausalLM naming); fuses projections and folds `1 + w` into norms."""
-        get = _Getter(tensors)
+        get = TensorGetter(tensors)
         self.embed_tokens.data = get("model.embed_tokens.weight")
-        self.lm_head.weight = self.embed_tokens if not get.has("lm_head.weight") else nn.Parameter(
-            get("lm_head.weight"), requires_grad=False
-        )
+        tie_lm_head(self, get)
         self.norm.weight.data = 1.0 + get("model.norm.weight").float()
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
@@ -191,29 +197,3 @@ class Gemma3Model(nn.Module):
             for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
                 getattr(layer, norm).weight.data = 1.0 + get(p + f"{norm}.weight").float()
         get.check_all_used()
-
-
-class _Getter:
-    """Reads named tensors once each and reports missing or unexpected names."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-        self.used: set[str] = set()
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __call__(self, name: str) -> torch.Tensor:
-        from ..errors import ModelFileError
-
-        if name not in self.tensors:
-            raise ModelFileError(f"checkpoint is missing tensor '{name}'")
-        self.used.add(name)
-        return self.tensors[name]
-
-    def check_all_used(self) -> None:
-        from ..errors import ModelFileError
-
-        unused = sorted(set(self.tensors) - self.used)
-        if unused:
-            raise ModelFileError(f"checkpoint has {len(unused)} unexpected tensors, e.g. '{unused[0]}'")

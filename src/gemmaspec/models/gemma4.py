@@ -26,8 +26,19 @@ from torch import nn
 
 from ..cache import AttentionView, CacheLayerSpec, KVCache
 from ..errors import ModelFileError
-from .gemma3 import _Getter
-from .layers import Linear, RMSNorm, apply_rope, attend, embed_scale, rms_norm, rope_cos_sin
+
+from .layers import (
+    Linear,
+    RMSNorm,
+    TensorGetter,
+    apply_rope,
+    attend,
+    embed_scale,
+    lm_logits,
+    rms_norm,
+    rope_cos_sin,
+    tie_lm_head,
+)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -409,20 +420,14 @@ class Gemma4Model(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
-        cap = self.config.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return lm_logits(self.lm_head, hidden, self.config.final_logit_softcapping)
 
     # ---- weights -----------------------------------------------------------------------------
     def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load HF-named tensors (Gemma4ForCausalLM naming); fuses projections, keeps norm weights float32."""
-        get = _Getter(tensors)
+        get = TensorGetter(tensors)
         self.embed_tokens.data = get("model.embed_tokens.weight")
-        self.lm_head.weight = self.embed_tokens if not get.has("lm_head.weight") else nn.Parameter(
-            get("lm_head.weight"), requires_grad=False
-        )
+        tie_lm_head(self, get)
         self.norm.weight.data = get("model.norm.weight").float()
         if self.ple_dim:
             self.embed_tokens_per_layer.data = get("model.embed_tokens_per_layer.weight")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import AttentionView
+from ..errors import ModelFileError
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -95,3 +96,39 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Gemma multiplies embeddings by sqrt(hidden) rounded to the compute dtype, as the reference does."""
     return torch.tensor(math.sqrt(hidden_size), dtype=dtype)
+
+
+def lm_logits(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """float32 logits through the (tied) LM head, with Gemma's optional final tanh soft-capping."""
+    logits = lm_head(hidden).float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def tie_lm_head(model: nn.Module, get) -> None:
+    """The LM head is the input embedding unless the checkpoint carries its own `lm_head.weight`."""
+    if get.has("lm_head.weight"):
+        model.lm_head.weight = nn.Parameter(get("lm_head.weight"), requires_grad=False)
+    else:
+        model.lm_head.weight = model.embed_tokens
+
+
+class TensorGetter:
+    """Reads named tensors once each and reports missing or unexpected names."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise ModelFileError(f"checkpoint is missing tensor '{name}'")
+        self.used.add(name)
+        return self.tensors[name]
+
+    def check_all_used(self) -> None:
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            raise ModelFileError(f"checkpoint has {len(unused)} unexpected tensors, e.g. '{unused[0]}'")
