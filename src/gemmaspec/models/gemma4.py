@@ -26,7 +26,6 @@ from torch import nn
 
 from ..cache import AttentionView, CacheLayerSpec, KVCache
 from ..errors import ModelFileError
-
 from .layers import (
     Linear,
     RMSNorm,
