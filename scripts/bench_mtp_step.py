@@ -90,18 +90,31 @@ def main() -> None:
     p.add_argument("--weights", default="auto", help="target weights (auto keeps the GGUF's packed int4/int8)")
     p.add_argument("--assistant-weights", default="match",
                    help="match (the target's dominant low-bit width, else float), float, int8, int4")
+    p.add_argument("--drafter", default=None,
+                   help="time a real drafter instead of a random one: mtp (the paired/shipped one) or mtp:PATH")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     target = load_model(args.model, dtype=args.dtype, device="cpu", weights=args.weights)
     model = target.model
-    drafter = random_drafter(target, args.layers, centroids=not args.no_centroids,
-                             weights=None if args.assistant_weights == "match" else args.assistant_weights)
+    if args.drafter:
+        from gemmaspec.drafters import make_drafter
+
+        drafter = make_drafter(args.drafter, target)
+        packed = getattr(drafter.assistant.pre_projection, "qweight", None)
+        drafter.weights = f"int{packed.bits}" if packed is not None else "float"
+        drafter.n_params = sum(t.numel() for t in drafter.assistant.parameters())
+        args.layers = len(drafter.assistant.layers)
+    else:
+        drafter = random_drafter(target, args.layers, centroids=not args.no_centroids,
+                                 weights=None if args.assistant_weights == "match" else args.assistant_weights)
     target_weights = "low-bit" if any(getattr(m, "qweight", None) is not None for m in model.modules()) else "float"
     n_params = drafter.n_params
     read_rows = (drafter.assistant.config.centroid_intermediate_top_k * drafter.assistant.config.vocab_per_centroid
-                 if drafter.assistant.centroids is not None else model.config.vocab_size)
+                 if drafter.assistant.centroids is not None
+                 else len(drafter.assistant.vocab_map) if drafter.assistant.vocab_map is not None
+                 else model.config.vocab_size)
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(10, model.config.vocab_size, (args.prompt_tokens,), generator=g).tolist()
