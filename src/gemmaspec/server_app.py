@@ -103,14 +103,7 @@ def build_app(engine, model_name: str, aliases: tuple[str, ...] = (), api_key: s
         # chat=True: the prompt ids are already templated; it makes the engine stop at the end of the turn.
         job = worker.submit(dict(prompt=prompt_ids, chat=True, **kwargs))
         reply = Reply("chatcmpl", model_name, len(prompt_ids), chat.tool_names, ToolText(engine.tokenizer, kwargs["stop"]))
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(request, job, reply.chat_events(job, usage))
-        try:
-            result = await collect(request, job, reply)
-        except ClientGone:
-            return Response(status_code=499)
-        return reply.chat_response(result)
+        return await respond(request, req, job, reply, reply.chat_events, reply.chat_response)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -135,14 +128,18 @@ def build_app(engine, model_name: str, aliases: tuple[str, ...] = (), api_key: s
         job = worker.submit(dict(prompt=prompt_ids, **kwargs))
         echo = (prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)) if req.echo else ""
         reply = Reply("cmpl", model_name, len(prompt_ids), None, None, echo)
+        return await respond(request, req, job, reply, reply.completion_events, reply.completion_response)
+
+    async def respond(request: Request, req, job, reply, events, finish):
+        """A stream of server-sent events, or the whole response once the job is done."""
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(request, job, reply.completion_events(job, usage))
+            return sse(request, job, events(job, usage))
         try:
             result = await collect(request, job, reply)
         except ClientGone:
             return Response(status_code=499)
-        return reply.completion_response(result)
+        return finish(result)
 
     async def encode(**kwargs) -> list[int]:
         try:
