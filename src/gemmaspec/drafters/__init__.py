@@ -30,10 +30,8 @@ def make_drafter(spec: str, target, dtype=None, device=None) -> Drafter:
         loaded = load_model(path, dtype=dtype or target.model.dtype, device=device or target.model.embed_tokens.device)
         return DraftModelDrafter(loaded, target.tokenizer, name=spec)
     if spec == "mtp" or spec.startswith("mtp:"):
-        try:
-            from .mtp import make_mtp_drafter
-        except ImportError:
-            raise GemmaspecError("the MTP drafter is not available yet in this build") from None
+        from .mtp import make_mtp_drafter
+
         return make_mtp_drafter(spec, target)
     raise GemmaspecError(f"unknown drafter '{spec}' (choose from: {DRAFTER_CHOICES})")
 
@@ -41,10 +39,8 @@ def make_drafter(spec: str, target, dtype=None, device=None) -> Drafter:
 def _auto_drafter(target, dtype, device) -> Drafter:
     """The best drafter this model has: its paired MTP assistant (with prompt lookup for long matches) when one
     exists, else prompt lookup."""
-    try:
-        from .mtp import find_paired_assistant, make_mtp_drafter
-    except ImportError:
-        return NgramDrafter()
+    from .mtp import find_paired_assistant, make_mtp_drafter
+
     if find_paired_assistant(target) is not None:
         from .hybrid import HybridDrafter
 

@@ -105,22 +105,20 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
 
         model = load_gguf_model(folder, gguf, weights, torch_dtype, dev, notes)  # None: weights stay float
     if model is None:
-        model, config = _load_folder(folder, torch_dtype, dev, notes)
-        apply_weight_format(model, weights, source, notes)
+        model = _load_folder(folder, torch_dtype, dev, notes)
+        apply_weight_format(model, weights, notes)
     name = "default" if spec in ("default", "", None) else str(source)
     return LoadedModel(model, tokenizer, name, folder, source, notes)
 
 
-def apply_weight_format(model, weights: str, source: Path, notes: list[str]) -> None:
+def apply_weight_format(model, weights: str, notes: list[str]) -> None:
     """Hold Linear weights as `weights` (auto / bf16 keep the float weights of --dtype)."""
     if weights in ("auto", "bf16", None):
         return
     if weights not in ("int8", "int4"):
         raise ModelFileError(f"unknown weight format '{weights}' (auto, bf16, int8, int4)")
-    try:
-        from ..quant import quantize_model
-    except ImportError:
-        raise ModelFileError(f"--weights {weights} is not available yet in this build") from None
+    from ..quant import quantize_model
+
     quantize_model(model, weights, notes)
 
 
@@ -151,7 +149,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device, notes: 
     model.load_hf_state(tensors)
     model.to(device)
     model.eval()
-    return model, config
+    return model
 
 
 def text_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from ..errors import ModelFileError
 from .gemma3 import Gemma3Config, Gemma3Model
+from .gemma4 import Gemma4Config, Gemma4Model
 
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "gemma3_text": (Gemma3Config, Gemma3Model),
+    "gemma4_text": (Gemma4Config, Gemma4Model),
 }
-
-try:  # Gemma 4 lives in its own file; registered when present.
-    from .gemma4 import Gemma4Config, Gemma4Model
-
-    ARCHITECTURES["gemma4_text"] = (Gemma4Config, Gemma4Model)
-except ImportError:  # pragma: no cover
-    pass
 
 # Multimodal wrappers whose text part we load (towers are out of scope).
 MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
