@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-generated", type=int, default=0,
+                   help="also distill on N of the target's own greedy continuations of corpus pieces (N/8 held out)")
     p.add_argument("--max-documents", type=int, default=0, help="use only the first N corpus documents (quick runs)")
     p.set_defaults(func=cmd_train_drafter)
 
@@ -87,8 +89,35 @@ def cmd_train_drafter(args) -> int:
     with tqdm(total=total, desc="teacher forcing", unit="seq", file=sys.stderr) as bar:
         build_shards(target.model, target.tokenizer, docs, work, "eval", args.seq_len, args.eval_sequences, vocabs["labels"], bar)
         build_shards(target.model, target.tokenizer, docs, work, "train", args.seq_len, args.sequences, vocabs["labels"], bar)
+    if args.self_generated:
+        _self_generated_shards(args, target, docs, work, vocabs["labels"])
 
     from .loop import train_drafter
 
     train_drafter(target, work, out, vocabs["drafter"], args)
     return 0
+
+
+def _self_generated_shards(args, target, docs, work: Path, label_vocab) -> None:
+    """The target's own continuations (train/selfgen.py), generated with the packed weights and prompt lookup
+    (fast, and greedy output is exact), then teacher-forced like the corpus."""
+    from tqdm import tqdm
+
+    from ..drafters.ngram import NgramDrafter
+    from ..engine import Engine
+    from ..loading import load_model
+    from .selfgen import self_generated
+    from .teacher import build_shards
+
+    counts = {"train": args.self_generated, "eval": max(1, args.self_generated // 8)}
+    engine = Engine(load_model(args.model, dtype="float32", device="cpu", weights="auto"), NgramDrafter(), "auto")
+    engine.eos_ids = set()  # keep every continuation the same length
+    generated = []
+    with tqdm(total=sum(counts.values()), desc="own continuations", unit="seq", file=sys.stderr) as bar:
+        for split, count in counts.items():
+            generated += self_generated(engine, docs, work, split, count, seed=args.seed, progress=bar)
+    del engine
+    with tqdm(total=sum(counts.values()), desc="teacher forcing (own)", unit="seq", file=sys.stderr) as bar:
+        for split, count in counts.items():
+            build_shards(target.model, target.tokenizer, generated, work, split, args.seq_len, count, label_vocab, bar,
+                         prefix="selfgen")

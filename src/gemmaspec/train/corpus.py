@@ -28,10 +28,12 @@ class Document:
     id: str
     kind: str
     text: str
+    token_ids: tuple[int, ...] | None = None  # exact tokens (the target's own continuations), else encode text
+    split_of: str | None = None  # a derived document keeps its source's split, so eval text never trains
 
     @property
     def split(self) -> str:
-        h = int(hashlib.sha256(self.id.encode()).hexdigest()[:8], 16)
+        h = int(hashlib.sha256((self.split_of or self.id).encode()).hexdigest()[:8], 16)
         return "eval" if h / 0xFFFFFFFF < EVAL_FRACTION else "train"
 
 

@@ -30,7 +30,7 @@ def read_layers(model) -> dict[str, int]:
 def sequences(docs: list[Document], tokenizer, seq_len: int, min_len: int = 64):
     """Token sequences of exactly seq_len (documents split into chunks; short tails dropped), in order."""
     for doc in docs:
-        ids = tokenizer.encode(doc.text)
+        ids = list(doc.token_ids) if doc.token_ids is not None else tokenizer.encode(doc.text)
         for i in range(0, len(ids), seq_len):
             chunk = ids[i : i + seq_len]
             if len(chunk) == seq_len or (len(chunk) >= min_len and i == 0):
@@ -56,8 +56,9 @@ def teacher_outputs(model, ids: list[int], layers: dict[str, int], label_vocab: 
 
 
 def build_shards(model, tokenizer, docs: list[Document], out_dir: Path, split: str, seq_len: int,
-                 max_sequences: int, label_vocab: torch.Tensor, progress=None) -> int:
-    """Write shards for up to max_sequences sequences of `split`; returns how many sequences exist."""
+                 max_sequences: int, label_vocab: torch.Tensor, progress=None, prefix: str = "shard") -> int:
+    """Write shards for up to max_sequences sequences of `split`; returns how many sequences exist.
+    `prefix` names a separate series of shards (the target's own continuations are "selfgen")."""
     out_dir = Path(out_dir) / "teacher" / split
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = read_layers(model)
@@ -65,7 +66,7 @@ def build_shards(model, tokenizer, docs: list[Document], out_dir: Path, split: s
     for doc, ids in sequences([d for d in docs if d.split == split], tokenizer, seq_len):
         if done >= max_sequences:
             break
-        shard_path = out_dir / f"shard{shard_index:05d}.pt"
+        shard_path = out_dir / f"{prefix}{shard_index:05d}.pt"
         if shard_path.exists():  # resume: this shard was written by an earlier run
             batch.append(None)
         else:
@@ -77,7 +78,7 @@ def build_shards(model, tokenizer, docs: list[Document], out_dir: Path, split: s
             _write(shard_path, batch, layers)
             batch, shard_index = [], shard_index + 1
     if batch:
-        _write(out_dir / f"shard{shard_index:05d}.pt", batch, layers)
+        _write(out_dir / f"{prefix}{shard_index:05d}.pt", batch, layers)
     return done
 
 
@@ -107,4 +108,4 @@ def frequent_tokens(counts: torch.Tensor, n: int, always: list[int]) -> torch.Te
 
 
 def load_shards(directory: Path, split: str) -> list[dict]:
-    return [torch.load(p, weights_only=False) for p in sorted((Path(directory) / "teacher" / split).glob("shard*.pt"))]
+    return [torch.load(p, weights_only=False) for p in sorted((Path(directory) / "teacher" / split).glob("*.pt"))]
