@@ -20,7 +20,8 @@ from .layers import (
     apply_rope,
     attend,
     embed_scale,
-    gelu_tanh,
+    fused_ops,
+    geglu,
     lm_logits,
     rope_cos_sin,
     rope_inv_freq,
@@ -114,15 +115,20 @@ class Gemma3Block(nn.Module):
         T = x.shape[0]
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
+        fast = fused_ops(qkv)
+        if fast is not None and qkv.is_contiguous():  # q/k norm + RoPE in place, one call
+            fast.qk_norm_rope(qkv, self.n_heads, self.n_kv, self.head_dim, self.q_norm.weight, self.k_norm.weight,
+                              self.q_norm.eps, cos, sin)
         q = qkv[:, :q_dim].view(T, self.n_heads, self.head_dim).transpose(0, 1)
         k = qkv[:, q_dim : q_dim + kv_dim].view(T, self.n_kv, self.head_dim).transpose(0, 1)
         v = qkv[:, q_dim + kv_dim :].view(T, self.n_kv, self.head_dim).transpose(0, 1)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        if fast is None or not qkv.is_contiguous():
+            q = apply_rope(self.q_norm(q), cos, sin)
+            k = apply_rope(self.k_norm(k), cos, sin)
         attn = attend(q, cache.update(layer_idx, k, v), self.scale)
-        x = x + self.post_attention_layernorm(self.o_proj(attn))
-        gate, up = self.gate_up_proj(self.pre_feedforward_layernorm(x)).chunk(2, dim=-1)
-        return x + self.post_feedforward_layernorm(self.down_proj(gelu_tanh(gate) * up))
+        x = self.post_attention_layernorm(self.o_proj(attn), residual=x)
+        h = geglu(self.gate_up_proj(self.pre_feedforward_layernorm(x)))
+        return self.post_feedforward_layernorm(self.down_proj(h), residual=x)
 
 
 class Gemma3Model(nn.Module):

@@ -11,15 +11,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..cache import AttentionView
 from ..errors import ModelFileError
 
+FUSED_MAX_TOKENS = 24  # decode and verification sizes; prefill keeps PyTorch's GEMM and SDPA
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 (as the reference does), scaled by `weight` (already the effective scale).
 
-    One fused op instead of five: at batch 1 a decode step is dominated by per-op overhead outside the matmuls."""
-    return F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
+def fused_ops(x: torch.Tensor):
+    """Our C kernels (gemmaspec.kernels) when they apply to x: float32 on the CPU, no autograd; else None.
+
+    At batch 1 a decode step of a small model is dominated by per-op overhead outside the matmuls."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    return kernels.load()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm computed in float32 (as the reference does), scaled by `weight` (already the effective scale),
+    plus `residual` when given."""
+    fast = fused_ops(x)
+    if fast is not None and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+        return fast.rms_norm(x, weight, eps, residual)
+    y = F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
+    return y if residual is None else residual + y
 
 
 class RMSNorm(nn.Module):
@@ -30,8 +46,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False) if with_scale else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Module):
@@ -47,6 +63,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight.linear(x)
+        fast = fused_ops(x)
+        if fast is not None and x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS and self.weight.dtype == torch.float32:
+            return fast.linear_f32(self.weight, x.contiguous())
         return F.linear(x, self.weight)
 
 
@@ -76,6 +95,10 @@ def attend(q: torch.Tensor, view: AttentionView, scale: float) -> torch.Tensor:
     """Attention of q [Hq, T, D] over the view's keys/values (grouped-query); returns [T, Hq * Dv]."""
     n_q, n_kv = q.shape[0], view.keys.shape[0]
     mask = view.mask
+    fast = fused_ops(q)
+    if (fast is not None and q.shape[1] <= FUSED_MAX_TOKENS and q.stride(-1) == 1 and view.keys.stride(-1) == 1
+            and view.values.stride(-1) == 1 and (mask is None or mask.is_contiguous())):
+        return fast.attention(q, view.keys, view.values, mask, scale)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(0),
         view.keys.unsqueeze(0),
@@ -89,6 +112,15 @@ def attend(q: torch.Tensor, view: AttentionView, scale: float) -> torch.Tensor:
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up for rows [T, 2I] = [gate | up]."""
+    fast = fused_ops(gate_up)
+    if fast is not None and gate_up.dim() == 2 and gate_up.is_contiguous():
+        return fast.gelu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gelu_tanh(gate) * up
 
 
 def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,6 @@ Plain decoding reads every weight once per token, so tokens/s is bounded by byte
 bandwidth; holding weights in 8 or 4 bits raises that bound 4-7x over float32.
 
 - `formats.py`  the QuantizedWeight format (a Linear's weight and an embedding table) and its matmuls
-- `kernels.py`  the small C kernel for those matmuls on CPUs (compiled on first use; PyTorch fallback)
 - `gguf.py`     GGUF Q8_0 / Q5_0 / Q6_K / Q4_K / Q4_0 tensors repacked exactly, tensor by tensor
 
 `--weights`:  int8 / int4 quantize every Linear and the (tied) embedding; `auto` keeps a quantized GGUF's
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
+from .. import kernels
 from .formats import GROUP, QuantizedWeight, concat, quantize, replace_parameter, set_linear
 
 __all__ = ["QuantizedWeight", "quantize", "quantize_model", "load_gguf_model", "resolve_weights",

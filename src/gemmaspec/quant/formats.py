@@ -8,7 +8,7 @@ stay exact), and holds integers q:  W = s * q + b.
     int4  q uint8 [N, K / 2]   values 0..15, asymmetric (b = group minimum); GGUF Q4_K / Q4_0 exactly
                                each 32-value chunk is 16 bytes: byte i = value i | value (i + 16) << 4
 
-The matmul (`QuantizedWeight.linear`) reads the packed weights: on a CPU the C kernel of `kernels.py` for
+The matmul (`QuantizedWeight.linear`) reads the packed weights: on a CPU the C kernel of `gemmaspec.kernels` for
 small M (decoding and speculative verification), a dequantize-in-blocks + float32 GEMM for large M
 (prefill), and a PyTorch fallback where the kernel cannot be built; on CUDA the int4 tinygemm kernel
 (`_weight_int4pack_mm`) with bfloat16 activations, else dequantize-on-the-fly.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFileError
-from . import kernels
+from .. import kernels
 
 GROUP = 32
 SMALL_M = 24  # rows of x up to which the C kernel beats dequantize + GEMM (crossover ~24-32 on AVX2)
@@ -81,6 +81,21 @@ class QuantizedWeight(nn.Module):
         ids = torch.as_tensor(ids, device=self.device)
         rows = self.dequantize(ids.reshape(-1))
         return rows.reshape(*ids.shape, self.in_features)
+
+    def kernel_args(self) -> tuple:
+        """(bits, float32 scales?, q, scales, bias pointers, group, N) for the C kernel, built once: reading buffers
+        through nn.Module attributes costs more than a small matmul (`_apply`, i.e. .to(), rebuilds it)."""
+        args = self.__dict__.get("_kernel_args")
+        if args is None:
+            bias = self.bias.data_ptr() if self.bias is not None else None
+            args = (self.bits, int(self.scales.dtype == torch.float32), self.q.data_ptr(), self.scales.data_ptr(), bias,
+                    self.group, self.out_features)
+            self.__dict__["_kernel_args"] = args
+        return args
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_kernel_args", None)
+        return super()._apply(fn, *args, **kwargs)
 
     # ---- dequantization ---------------------------------------------------------------------------------
     def values(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:

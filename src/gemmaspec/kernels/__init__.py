@@ -1,0 +1,202 @@
+"""Our CPU kernels for decoding, in C: the matmuls of every weight format and a few fused small ops.
+
+`linear.c`: y = x @ W^T with W in int8, packed int4 or float32, float32 activations. PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
+bfloat16 activations on CPUs without AVX512 and are slow with float32 ones (see scripts/bench_weights.py
+--kernels), and none handles int8 with per-group scales. This small C kernel reads each weight once per call
+whatever the number of rows M of x (the speculative-verification shape), converts it in registers and
+accumulates in float32. It is compiled with the system C compiler on first use into the gemmaspec cache
+folder and loaded with ctypes; where no compiler works, `load()` returns None and callers fall back to
+PyTorch (correct, slower). GEMMASPEC_NO_KERNELS=1 disables it. For float32 weights MKL's GEMV reaches only
+13-23 GB/s on the 262k-row LM head on this 2-core machine; the same tiling in C reads the weights at
+close to the memory bandwidth.
+
+`ops.c`: RMSNorm (+ residual), q/k norm + RoPE in place, attention of a few queries over the (ring) cache, GeGLU.
+A decode step of a 270M model otherwise spends more time in PyTorch's per-op overhead than in its matmuls.
+
+All kernels compute each row (token) independently of how many rows a call has, so speculative verification
+of k + 1 tokens gives bit for bit what plain decoding gives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCES = ("linear.c", "ops.c")  # compiled together into one library
+
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"],
+    ["-O3", "-march=native", "-fPIC", "-shared"],  # no OpenMP (e.g. Apple clang): one thread
+    ["-O3", "-fPIC", "-shared"],
+)
+_lock = threading.Lock()
+_state: dict = {}
+
+
+class Kernels:
+    """ctypes handle on the compiled library."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        lib.gsq_linear.argtypes = [I, I, P, I, I, P, P, P, I, I64, P, I]
+        lib.gsq_linear.restype = None
+        lib.gsq_dequant.argtypes = [I, I, P, P, P, I, I, P, I64, I64, P, I]
+        lib.gsq_dequant.restype = None
+        lib.gsq_has_avx2.restype = I
+        F = ctypes.c_float
+        lib.gsq_linear_f32.argtypes = [P, I, I, P, I64, P, I]
+        lib.gso_rms_norm.argtypes = [P, P, F, I, I, P, P]
+        lib.gso_qk_norm_rope.argtypes = [P, I, I, I, I, I, P, P, F, P, P, I]
+        lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I]
+        lib.gso_gelu_mul.argtypes = [P, I, I, P]
+        for fn in (lib.gsq_linear_f32, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention, lib.gso_gelu_mul):
+            fn.restype = None
+        self.lib, self.path = lib, path
+        self.simd = "avx2" if lib.gsq_has_avx2() else "portable C"
+
+    def linear(self, w, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 contiguous -> [M, N] float32, for a QuantizedWeight `w` on the CPU."""
+        M, K = x.shape
+        bits, f32, q, scales, bias, group, N = w.kernel_args()
+        y = torch.empty(M, N, dtype=torch.float32)
+        self.lib.gsq_linear(bits, f32, x.data_ptr(), M, K, q, scales, bias, group, N, y.data_ptr(),
+                            torch.get_num_threads())
+        return y
+
+    def linear_f32(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ weight [N, K]^T, both float32 contiguous on the CPU -> [M, N]."""
+        M, K = x.shape
+        y = torch.empty(M, weight.shape[0], dtype=torch.float32)
+        self.lib.gsq_linear_f32(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(),
+                                torch.get_num_threads())
+        return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of the rows of x (float32 contiguous), plus `residual` (same shape) when given."""
+        out = torch.empty_like(x)
+        dim = x.shape[-1]
+        self.lib.gso_rms_norm(x.data_ptr(), _ptr(weight), eps, x.numel() // dim, dim, _ptr(residual), out.data_ptr())
+        return out
+
+    def qk_norm_rope(self, qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, q_weight, k_weight, eps: float,
+                     cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """In place on fused qkv rows [T, (n_q + 2 n_kv) * head_dim]: q/k RMSNorm, then RoPE (cos/sin [T, rot])."""
+        T = qkv.shape[0]
+        self.lib.gso_qk_norm_rope(qkv.data_ptr(), T, qkv.stride(0), n_q, n_kv, head_dim, _ptr(q_weight), _ptr(k_weight),
+                                  eps, cos.data_ptr(), sin.data_ptr(), cos.shape[-1])
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+        """q [Hq, T, D] (any strides, last dim contiguous), keys/values [Hkv, S, D] -> [T, Hq * Dv]."""
+        n_q, T, D = q.shape
+        n_kv, S, Dv = values.shape
+        out = torch.empty(T, n_q * Dv, dtype=torch.float32)
+        self.lib.gso_attention(q.data_ptr(), T, n_q, q.stride(0), q.stride(1), D, keys.data_ptr(), keys.stride(0),
+                               keys.stride(1), values.data_ptr(), values.stride(0), values.stride(1), n_kv, S, Dv,
+                               _ptr(mask), scale, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gelu_tanh(gate) * up for rows [T, 2I] = [gate | up] -> [T, I]."""
+        T, I2 = gate_up.shape
+        out = torch.empty(T, I2 // 2, dtype=torch.float32)
+        self.lib.gso_gelu_mul(gate_up.data_ptr(), T, I2 // 2, out.data_ptr())
+        return out
+
+    def dequant(self, w, start: int, count: int, out: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start .. start + count - 1 (or the int64 `rows`) of `w` as float32 [count, K]."""
+        if rows is not None:
+            rows = rows.to(torch.int64).contiguous()
+            count = rows.numel()
+        if out is None:
+            out = torch.empty(count, w.in_features, dtype=torch.float32)
+        self.lib.gsq_dequant(w.bits, _f32(w), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias), w.in_features, w.group,
+                             _ptr(rows), start, count, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def _f32(w) -> int:
+    return int(w.scales.dtype == torch.float32)
+
+
+def _ptr(t: torch.Tensor | None):
+    return t.data_ptr() if t is not None else None
+
+
+def load() -> Kernels | None:
+    """The compiled kernel library (built on first use), or None where it cannot be built."""
+    if "kernels" in _state:
+        return _state["kernels"]
+    with _lock:
+        if "kernels" not in _state:
+            found, error = None, None
+            if os.environ.get("GEMMASPEC_NO_KERNELS"):
+                error = "disabled by GEMMASPEC_NO_KERNELS"
+            else:
+                try:
+                    found = Kernels(_build())
+                except Exception as e:  # no compiler, odd platform: fall back to PyTorch
+                    error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _state["error"], _state["kernels"] = error, found  # "kernels" last: readers without the lock
+        return _state["kernels"]
+
+
+def status() -> str:
+    """One line for notes and the doctor: which kernel low-bit weights use here."""
+    k = load()
+    if k is not None:
+        return f"C kernel ({k.simd})"
+    return f"PyTorch fallback (no C kernel: {_state.get('error')})"
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    from ..loading.gguf_convert import cache_root
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    here = Path(__file__).parent
+    sources = [(here / name).read_text() for name in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, cc, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
+    folder = cache_root() / "kernels" / key
+    lib = folder / "libgemmaspec.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        paths = []
+        for name, text in zip(SOURCES, sources):
+            paths.append(Path(tmp) / name)
+            paths[-1].write_text(text)
+        for flags in _FLAG_SETS:
+            out = Path(tmp) / lib.name
+            proc = subprocess.run([cc, *flags, *map(str, paths), "-o", str(out), "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if proc.returncode == 0:
+                os.replace(out, lib)  # atomic: concurrent builders agree
+                return lib
+            errors.append(proc.stderr.strip().splitlines()[-1:] or ["?"])
+    raise RuntimeError(f"cannot compile the CPU kernels with {cc}: {errors[0][0]}")

@@ -1,0 +1,195 @@
+// gemmaspec small fused ops for decoding and verification (a few tokens at a time, float32).
+//
+// At batch 1 a decode step of a small model spends more time in PyTorch's per-op overhead (norms, RoPE,
+// attention over a masked ring, GeLU) than in reading weights; each function here replaces several ops.
+// Every row (token) is computed on its own, in an order that does not depend on how many rows the call has,
+// so a token verified among k + 1 gives bit for bit what plain decoding gives.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GSO_AVX2 1
+#endif
+
+#ifdef GSO_AVX2
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+// exp(x) for 8 floats, Cephes' expf polynomial (relative error ~1e-7), inputs clamped to +-88.
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+static inline float dot(const float *a, const float *b, int n) {
+#ifdef GSO_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float t = hsum(_mm256_add_ps(acc0, acc1));
+#else
+    float t = 0.0f;
+    int i = 0;
+#endif
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+// ---- RMSNorm --------------------------------------------------------------------------------------------
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (+ add[r]); rows `stride` floats apart, w may be NULL (= 1).
+// out may be x (in place).
+static void norm_row(const float *x, const float *w, float eps, int dim, const float *add, float *out) {
+    const float inv = 1.0f / sqrtf(dot(x, x, dim) / (float)dim + eps);
+    for (int i = 0; i < dim; i++) {
+        const float v = x[i] * inv * (w ? w[i] : 1.0f);
+        out[i] = add ? add[i] + v : v;
+    }
+}
+
+void gso_rms_norm(const float *x, const float *w, float eps, int rows, int dim, const float *add, float *out) {
+    for (int r = 0; r < rows; r++)
+        norm_row(x + (size_t)r * dim, w, eps, dim, add ? add + (size_t)r * dim : NULL, out + (size_t)r * dim);
+}
+
+// ---- q/k norm + RoPE, in place on the fused qkv rows ------------------------------------------------------
+// qkv[t] = [q heads (nq x hd) | k heads (nkv x hd) | v ...], `row` floats per token. Each q and k head is
+// RMS-normed (qw / kw, NULL = no norm) and rotated by RoPE in the two-halves layout over its first `rot` dims:
+// cos / sin are [T, rot].
+static void rope_head(float *h, const float *cos, const float *sin, int rot) {
+    const int half = rot / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = h[i], b = h[i + half];
+        h[i] = a * cos[i] - b * sin[i];
+        h[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const float *qw, const float *kw,
+                      float eps, const float *cos, const float *sin, int rot) {
+    for (int t = 0; t < T; t++) {
+        float *r = qkv + (size_t)t * row;
+        const float *c = cos + (size_t)t * rot, *s = sin + (size_t)t * rot;
+        for (int h = 0; h < nq + nkv; h++) {
+            float *head = r + (size_t)h * hd;
+            const float *w = h < nq ? qw : kw;
+            if (w) norm_row(head, w, eps, hd, NULL, head);
+            rope_head(head, c, s, rot);
+        }
+    }
+}
+
+// ---- attention of a few queries over the cache -------------------------------------------------------------
+// out[t, h * vd ...] = softmax_s(scale * q[h, t] . K[h / group, s]) V[h / group, s] over the slots s < S with
+// mask[t, s] != 0 (mask NULL: all). Strides in floats; keys / values rows are contiguous (stride 1 within).
+// Scores of every slot, exponentials and sums are taken in slot order, so a query's result depends only on
+// its own valid slots.
+static void attend_one(const float *q, const float *K, int64_t ks, const float *V, int64_t vs, int S, int hd, int vd,
+                       const uint8_t *mask, float scale, float *scores, float *out) {
+    float mx = -INFINITY;
+    for (int s = 0; s < S; s++) {
+        if (mask && !mask[s]) { scores[s] = -INFINITY; continue; }
+        scores[s] = dot(q, K + (size_t)s * ks, hd) * scale;
+        if (scores[s] > mx) mx = scores[s];
+    }
+    for (int i = 0; i < vd; i++) out[i] = 0.0f;
+    if (mx == -INFINITY) return;  // no valid slot
+#ifdef GSO_AVX2
+    const __m256 vmx = _mm256_set1_ps(mx);
+    int s = 0;
+    for (; s + 8 <= S; s += 8) _mm256_storeu_ps(scores + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), vmx)));
+    if (s < S) {  // the tail through the same vector exp (padded), so no slot's value depends on S
+        float pad[8];
+        for (int i = 0; i < 8; i++) pad[i] = s + i < S ? scores[s + i] : -INFINITY;
+        _mm256_storeu_ps(pad, exp8(_mm256_sub_ps(_mm256_loadu_ps(pad), vmx)));
+        for (int i = 0; s + i < S; i++) scores[s + i] = pad[i];
+    }
+#else
+    for (int s = 0; s < S; s++) scores[s] = expf(scores[s] - mx);
+#endif
+    float sum = 0.0f;
+    for (int s = 0; s < S; s++) {
+        if (mask && !mask[s]) continue;
+        const float p = scores[s];
+        sum += p;
+        const float *v = V + (size_t)s * vs;
+        int i = 0;
+#ifdef GSO_AVX2
+        const __m256 vp = _mm256_set1_ps(p);
+        for (; i + 8 <= vd; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+#endif
+        for (; i < vd; i++) out[i] += p * v[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < vd; i++) out[i] *= inv;
+}
+
+void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
+                   const float *keys, int64_t k_head, int64_t k_slot, const float *values, int64_t v_head,
+                   int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int nthreads) {
+    const int group = nq / nkv, tasks = T * nq;
+    // threads only pay off for long contexts
+    const int threads = (int64_t)S * tasks * hd > (1 << 18) ? nthreads : 1;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
+#pragma omp for schedule(static)
+        for (int task = 0; task < tasks; task++) {
+            const int t = task / nq, h = task % nq, j = h / group;
+            attend_one(q + h * q_head + t * q_tok, keys + j * k_head, k_slot, values + j * v_head, v_slot, S, hd, vd,
+                       mask ? mask + (size_t)t * S : NULL, scale, scores, out + ((size_t)t * nq + h) * vd);
+        }
+        free(scores);
+    }
+}
+
+// ---- GeGLU -------------------------------------------------------------------------------------------------
+// out[t, i] = gelu_tanh(gu[t, i]) * gu[t, I + i]; gelu_tanh(x) = x / (1 + exp(-2u)), u = sqrt(2/pi)(x + 0.044715x^3)
+// (the same function as 0.5x(1 + tanh(u))).
+void gso_gelu_mul(const float *gu, int T, int I, float *out) {
+    const float c = 0.7978845608028654f;
+    for (int t = 0; t < T; t++) {
+        const float *g = gu + (size_t)t * 2 * I, *u = g + I;
+        float *o = out + (size_t)t * I;
+        int i = 0;
+#ifdef GSO_AVX2
+        const __m256 vc = _mm256_set1_ps(-2.0f * c), vk = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(vk, x), _mm256_mul_ps(x, x), x);
+            const __m256 e = exp8(_mm256_mul_ps(vc, inner));
+            const __m256 gelu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) {
+            const float x = g[i];
+            o[i] = x / (1.0f + expf(fminf(88.0f, -2.0f * c * (x + 0.044715f * x * x * x)))) * u[i];
+        }
+    }
+}
