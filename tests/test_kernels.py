@@ -1,0 +1,102 @@
+"""Our C kernels for decoding (gemmaspec.kernels): each op against its PyTorch reference, and each row computed
+independently of how many rows a call has (what makes verification of k + 1 tokens equal plain decoding)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gemmaspec import kernels
+from gemmaspec.models.layers import apply_rope, rope_cos_sin, rope_inv_freq
+
+K = kernels.load()
+pytestmark = pytest.mark.skipif(K is None, reason="no C compiler: PyTorch fallback only")
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= rel * want.abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("Kdim", [640, 100])  # 100: the 8-wide and scalar tails
+def test_float32_linear_equals_torch_and_rows_are_independent(M, Kdim):
+    w = torch.randn(37, Kdim, generator=_g(0))
+    x = torch.randn(M, Kdim, generator=_g(1))
+    y = K.linear_f32(w, x)
+    _close(y, x.double().mm(w.double().t()).float())
+    for m in range(M):
+        assert torch.equal(K.linear_f32(w, x[m : m + 1].contiguous()), y[m : m + 1])
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_with_and_without_residual(with_weight):
+    x = torch.randn(5, 640, generator=_g(2)) * 3
+    w = torch.rand(640, generator=_g(3)) + 0.5 if with_weight else None
+    res = torch.randn(5, 640, generator=_g(4))
+    want = F.rms_norm(x.double(), (640,), w.double() if w is not None else None, 1e-6).float()
+    _close(K.rms_norm(x, w, 1e-6), want)
+    _close(K.rms_norm(x, w, 1e-6, res), want + res)
+
+
+def test_qk_norm_rope_in_place_equals_reference():
+    T, nq, nkv, hd = 3, 4, 1, 256
+    qkv = torch.randn(T, (nq + 2 * nkv) * hd, generator=_g(5))
+    qw, kw = torch.rand(hd, generator=_g(6)) + 0.5, torch.rand(hd, generator=_g(7)) + 0.5
+    cos, sin = rope_cos_sin(torch.arange(7, 7 + T), rope_inv_freq(hd, 10_000.0), torch.float32)
+    q = qkv[:, : nq * hd].view(T, nq, hd).transpose(0, 1)
+    k = qkv[:, nq * hd : (nq + nkv) * hd].view(T, nkv, hd).transpose(0, 1)
+    want_q = apply_rope(F.rms_norm(q, (hd,), qw, 1e-6), cos, sin)
+    want_k = apply_rope(F.rms_norm(k, (hd,), kw, 1e-6), cos, sin)
+    v_before = qkv[:, (nq + nkv) * hd :].clone()
+    K.qk_norm_rope(qkv, nq, nkv, hd, qw, kw, 1e-6, cos, sin)
+    _close(qkv[:, : nq * hd].view(T, nq, hd).transpose(0, 1), want_q)
+    _close(qkv[:, nq * hd : (nq + nkv) * hd].view(T, nkv, hd).transpose(0, 1), want_k)
+    assert torch.equal(qkv[:, (nq + nkv) * hd :], v_before)  # v untouched
+
+
+def _attention_case(T: int, S: int, seed: int):
+    q = torch.randn(4, T, 64, generator=_g(seed))
+    keys = torch.randn(2, S, 64, generator=_g(seed + 1))
+    values = torch.randn(2, S, 48, generator=_g(seed + 2))
+    mask = torch.rand(T, S, generator=_g(seed + 3)) < 0.6
+    mask[:, 0] = True
+    return q, keys, values, mask
+
+
+@pytest.mark.parametrize("T,S", [(1, 5), (3, 37), (9, 576)])
+def test_attention_equals_sdpa_with_mask_and_gqa(T, S):
+    q, keys, values, mask = _attention_case(T, S, 10)
+    scale = 1 / math.sqrt(64)
+    want = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=scale,
+                                          enable_gqa=True)[0].transpose(0, 1).reshape(T, -1)
+    _close(K.attention(q, keys, values, mask, scale), want)
+    _close(K.attention(q, keys, values, None, scale),
+           F.scaled_dot_product_attention(q[None], keys[None], values[None], scale=scale, enable_gqa=True)[0]
+           .transpose(0, 1).reshape(T, -1))
+
+
+def test_attention_row_independent_of_other_queries_and_extra_slots():
+    """A query's output is bit for bit the same alone or among others, and with masked slots appended (a
+    verification step sees later positions that plain decoding does not have yet)."""
+    q, keys, values, mask = _attention_case(5, 40, 20)
+    full = K.attention(q, keys, values, mask, 0.125)
+    for t in range(5):
+        alone = K.attention(q[:, t : t + 1], keys, values, mask[t : t + 1].contiguous(), 0.125)
+        assert torch.equal(alone, full[t : t + 1])
+        valid = int(mask[t].nonzero().max()) + 1  # drop the trailing slots this query cannot see
+        short = K.attention(q[:, t : t + 1], keys[:, :valid], values[:, :valid], mask[t : t + 1, :valid].contiguous(), 0.125)
+        assert torch.equal(short, full[t : t + 1])
+
+
+def test_geglu_equals_reference():
+    gu = torch.randn(3, 2 * 2050, generator=_g(30)) * 4  # 2050: the scalar tail
+    gate, up = gu.chunk(2, dim=-1)
+    _close(K.gelu_mul(gu), F.gelu(gate.double(), approximate="tanh").float() * up, rel=1e-5)
