@@ -90,8 +90,11 @@ def gguf_bytes_per_token(path) -> int:
 def load_format(fmt: str):
     from gemmaspec.loading import load_model
 
-    dtype = "bfloat16" if fmt == "bf16" else "float32"
-    weights = "bf16" if fmt in ("float32", "bf16") else fmt
+    from gemmaspec.loading import native_bf16
+
+    # bf16: bfloat16 weights; computed in bfloat16 where the CPU has it, else in float32 by our kernel
+    dtype = "bfloat16" if fmt == "bf16" and native_bf16(torch.device("cpu")) else "float32"
+    weights = "float" if fmt == "float32" else fmt
     t = time.perf_counter()
     target = load_model("default", dtype=dtype, device="cpu", weights=weights)
     return target, time.perf_counter() - t

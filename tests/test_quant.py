@@ -10,7 +10,7 @@ import torch
 from gemmaspec.drafters import make_drafter
 from gemmaspec.engine import Engine
 from gemmaspec.loading import load_model
-from gemmaspec.quant import QuantizedWeight, kernels, quantize
+from gemmaspec.quant import BF16Weight, QuantizedWeight, kernels, quantize
 from gemmaspec.quant.formats import concat
 from gemmaspec.quant.gguf import DECODERS, repack
 
@@ -162,6 +162,21 @@ def test_default_gguf_repacks_equal_the_converted_float_weights():
         assert torch.equal(qw.dequantize(), f.get_slice("model.embed_tokens.weight")[:rows])
 
 
+# ---- bfloat16 weights computed in float32 ---------------------------------------------------------------------
+@pytest.mark.parametrize("M", [1, 3, 6, 40])  # 40: the large-M (prefill) path
+def test_bf16_weight_matmul_equals_widened_reference(backend, M):
+    w = BF16Weight(_weight(N=300, K=136))  # K = 136: the 8-wide tail of the kernel
+    x = torch.randn(M, 136, generator=torch.Generator().manual_seed(3))
+    ref = x.double() @ w.w.double().t()  # bf16 -> float widening is exact
+    y = w.linear(x)
+    assert y.dtype == torch.float32 and y.shape == (M, 300)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if M <= 6 and backend == "kernel":  # decode / verification rows do not depend on each other
+        for m in range(M):
+            assert torch.equal(w.linear(x[m:m + 1]), y[m:m + 1])
+    assert torch.equal(w[torch.tensor([4, 0])], w.w[[4, 0]].float())  # embedding rows
+
+
 # ---- a quantized tiny model decodes losslessly --------------------------------------------------------------
 PROMPTS = [
     [2, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11],
@@ -170,7 +185,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+@pytest.fixture(scope="module", params=["int8", "int4", "bf16"])
 def quantized_tiny(request, tiny_gemma3_dir):
     return load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights=request.param)
 
@@ -183,11 +198,11 @@ def _engine(target, drafter, k):
 
 def test_quantized_tiny_model_is_quantized(quantized_tiny, tiny_gemma3_dir):
     model = quantized_tiny.model
-    assert isinstance(model.embed_tokens, QuantizedWeight)
+    assert isinstance(model.embed_tokens, (QuantizedWeight, BF16Weight))
     assert model.lm_head.qweight is model.embed_tokens  # tied, held once
     assert all(layer.qkv_proj.qweight is not None and layer.qkv_proj.weight is None for layer in model.layers)
     assert model.dtype == torch.float32
-    assert any("weights held as int" in n for n in quantized_tiny.notes)
+    assert any(f"weights held as {model.embed_tokens.format}" in n for n in quantized_tiny.notes)
     float_model = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu").model
     with torch.inference_mode():
         ids = torch.tensor(PROMPTS[2])

@@ -17,7 +17,7 @@ def _add_model_args(p: argparse.ArgumentParser, drafter_default: str = "auto") -
     p.add_argument("--drafter", default=drafter_default, help="auto, none, ngram, mtp, mtp:PATH, draft:PATH")
     p.add_argument("--draft-tokens", default="auto", help="tokens drafted per step: an integer or 'auto' (adaptive)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--weights", default="auto", choices=["auto", "bf16", "int8", "int4"],
+    p.add_argument("--weights", default="auto", choices=["auto", "float", "bf16", "int8", "int4"],
                    help="how weights are held in memory (auto keeps a quantized file's precision where fast)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 

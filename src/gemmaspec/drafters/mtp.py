@@ -106,19 +106,20 @@ class MTPDrafter(Drafter):
 
 def match_target_weights(assistant: AssistantModel, target_model: torch.nn.Module,
                          weights: str | None = None) -> str | None:
-    """Hold the assistant's Linear weights in low-bit form when the target's are (`--weights`, a packed GGUF):
+    """Hold the assistant's Linear weights in low-bit form when the target's are (`--weights`, a packed GGUF), or bf16 when
+    the target's are:
     a draft step is memory-bound like a target step, so float drafter weights next to int4 target weights would
     cost a large share of a target step. The drafter takes the bit width most of the target's matrices have
     (the default Q4_K_M GGUF unpacks mostly to int8). Returns the format applied, or None (weights stay float)."""
     if weights is None:
-        counts: dict[int, int] = {}
+        counts: dict[str, int] = {}
         for m in target_model.modules():
             packed = getattr(m, "qweight", None)
-            if packed is not None and getattr(packed, "bits", None) in (4, 8):
-                counts[packed.bits] = counts.get(packed.bits, 0) + 1
+            if packed is not None:  # "int8", "int4" or "bf16"
+                counts[packed.format] = counts.get(packed.format, 0) + 1
         if not counts:
             return None
-        weights = f"int{max(counts, key=counts.get)}"
+        weights = max(counts, key=counts.get)
     if weights in ("float", "none"):
         return None
     try:

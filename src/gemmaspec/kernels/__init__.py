@@ -1,6 +1,6 @@
 """Our CPU kernels for decoding, in C: the matmuls of every weight format and a few fused small ops.
 
-`linear.c`: y = x @ W^T with W in int8, packed int4 or float32, float32 activations. PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
+`linear.c`: y = x @ W^T with W in int8, packed int4, bfloat16 or float32, float32 activations. PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
 bfloat16 activations on CPUs without AVX512 and are slow with float32 ones (see scripts/bench_weights.py
 --kernels), and none handles int8 with per-group scales. This small C kernel reads each weight once per call
 whatever the number of rows M of x (the speculative-verification shape), converts it in registers and
@@ -55,11 +55,12 @@ class Kernels:
         lib.gsq_has_avx2.restype = I
         F = ctypes.c_float
         lib.gsq_linear_f32.argtypes = [P, I, I, P, I64, P, I]
+        lib.gsq_linear_bf16.argtypes = [P, I, I, P, I64, P, I]
         lib.gso_rms_norm.argtypes = [P, P, F, I, I, P, P]
         lib.gso_qk_norm_rope.argtypes = [P, I, I, I, I, I, P, P, F, P, P, I]
         lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I]
         lib.gso_gelu_mul.argtypes = [P, I, I, P]
-        for fn in (lib.gsq_linear_f32, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention, lib.gso_gelu_mul):
+        for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention, lib.gso_gelu_mul):
             fn.restype = None
         self.lib, self.path = lib, path
         self.simd = "avx2" if lib.gsq_has_avx2() else "portable C"
@@ -79,6 +80,14 @@ class Kernels:
         y = torch.empty(M, weight.shape[0], dtype=torch.float32)
         self.lib.gsq_linear_f32(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(),
                                 torch.get_num_threads())
+        return y
+
+    def linear_bf16(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 @ weight [N, K]^T with weight bfloat16 (widened in registers), contiguous -> [M, N]."""
+        M, K = x.shape
+        y = torch.empty(M, weight.shape[0], dtype=torch.float32)
+        self.lib.gsq_linear_bf16(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(),
+                                 torch.get_num_threads())
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float,

@@ -356,60 +356,105 @@ void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, 
     free(xs);
 }
 
-// ---- float32 weights -----------------------------------------------------------------------------------
-// y[M, N] = x[M, K] @ W[N, K]^T, W float32. The same tiling: each weight row is read once per call and dotted
-// with up to MT rows of x, every row accumulated in the same order whatever M is (two 8-lane accumulators
-// over 16-float steps, then an 8-float step, then scalars).
+// ---- float32 and bfloat16 weights --------------------------------------------------------------------------
+// y[M, N] = x[M, K] @ W[N, K]^T, W float32 (WB = 32) or bfloat16 (WB = 16, widened exactly to float32 in
+// registers: half the bytes, for CPUs without bf16 arithmetic). The same tiling: each weight row is read once per
+// call and dotted with up to MT rows of x, every row accumulated in the same order whatever M is (two 8-lane
+// accumulators over 16-value steps, then an 8-value step, then scalars).
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+#define WLOAD1(WB, w, k) ((WB) == 32 ? ((const float *)(w))[k] : bf16_to_f32(((const uint16_t *)(w))[k]))
 #ifdef GSQ_AVX2
-static inline __attribute__((always_inline)) void tile_f32(const float *w, int K, const float *x, const int mt, float *r) {
+static inline __attribute__((always_inline)) __m256 wload8(const int WB, const void *w, int k) {
+    if (WB == 32) return _mm256_loadu_ps((const float *)w + k);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __attribute__((always_inline)) void tile_float(const int WB, const void *w, int K, const float *x,
+                                                             const int mt, float *r) {
     __m256 a0[MT], a1[MT];
     for (int m = 0; m < mt; m++) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }
     int k = 0;
     for (; k + 16 <= K; k += 16) {
-        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        const __m256 w0 = wload8(WB, w, k), w1 = wload8(WB, w, k + 8);
         for (int m = 0; m < mt; m++) {
             a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)m * K + k), a0[m]);
             a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + (size_t)m * K + k + 8), a1[m]);
         }
     }
     if (k + 8 <= K) {
-        const __m256 w0 = _mm256_loadu_ps(w + k);
+        const __m256 w0 = wload8(WB, w, k);
         for (int m = 0; m < mt; m++) a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)m * K + k), a0[m]);
         k += 8;
     }
     for (int m = 0; m < mt; m++) {
         float t = hsum(_mm256_add_ps(a0[m], a1[m]));
-        for (int kk = k; kk < K; kk++) t += w[kk] * x[(size_t)m * K + kk];
+        for (int kk = k; kk < K; kk++) t += WLOAD1(WB, w, kk) * x[(size_t)m * K + kk];
         r[m] = t;
     }
 }
 #else
-static void tile_f32(const float *w, int K, const float *x, const int mt, float *r) {
+static void tile_float(const int WB, const void *w, int K, const float *x, const int mt, float *r) {
     for (int m = 0; m < mt; m++) {
         float t = 0.0f;
-        for (int k = 0; k < K; k++) t += w[k] * x[(size_t)m * K + k];
+        for (int k = 0; k < K; k++) t += WLOAD1(WB, w, k) * x[(size_t)m * K + k];
         r[m] = t;
     }
 }
 #endif
 
-void gsq_linear_f32(const float *x, int M, int K, const float *w, int64_t N, float *y, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        const float *wn = w + (size_t)n * K;
-        float r[MT];
-        for (int m0 = 0; m0 < M; m0 += MT) {
-            const int mt = M - m0 < MT ? M - m0 : MT;
-            const float *xm = x + (size_t)m0 * K;
-            switch (mt) {
-                case 4: tile_f32(wn, K, xm, 4, r); break;
-                case 3: tile_f32(wn, K, xm, 3, r); break;
-                case 2: tile_f32(wn, K, xm, 2, r); break;
-                default: tile_f32(wn, K, xm, 1, r); break;
-            }
-            for (int i = 0; i < mt; i++) y[(size_t)(m0 + i) * N + n] = r[i];
+#define FLOAT_RANGE_FN(NAME, WB)                                                                                   \
+static __attribute__((noinline)) void NAME(const float *x, int M, int K, const void *w, int64_t N, float *y,       \
+                                           int64_t n_begin, int64_t n_end) {                                    \
+    float r[MT];                                                                                                \
+    for (int64_t n = n_begin; n < n_end; n++) {                                                                 \
+        const char *wn = (const char *)w + (size_t)n * K * (WB / 8);                                            \
+        for (int m0 = 0; m0 < M; m0 += MT) {                                                                    \
+            const int mt = M - m0 < MT ? M - m0 : MT;                                                           \
+            const float *xm = x + (size_t)m0 * K;                                                               \
+            switch (mt) {                                                                                       \
+                case 4: tile_float(WB, wn, K, xm, 4, r); break;                                                 \
+                case 3: tile_float(WB, wn, K, xm, 3, r); break;                                                 \
+                case 2: tile_float(WB, wn, K, xm, 2, r); break;                                                 \
+                default: tile_float(WB, wn, K, xm, 1, r); break;                                                \
+            }                                                                                                   \
+            for (int i = 0; i < mt; i++) y[(size_t)(m0 + i) * N + n] = r[i];                                    \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+FLOAT_RANGE_FN(range_f32, 32)
+FLOAT_RANGE_FN(range_bf16, 16)
+#undef FLOAT_RANGE_FN
+
+static void linear_float(const int WB, const float *x, int M, int K, const void *w, int64_t N, float *y, int nthreads) {
+    void (*fn)(const float *, int, int, const void *, int64_t, float *, int64_t, int64_t) = WB == 32 ? range_f32 : range_bf16;
+    const int threads = (int64_t)N * K * M > (1 << 19) ? nthreads : 1;
+    if (threads <= 1) {
+        fn(x, M, K, w, N, y, 0, N);
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+#ifdef _OPENMP
+            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+            const int64_t t = 0, nt = 1;
+#endif
+            fn(x, M, K, w, N, y, N * t / nt, N * (t + 1) / nt);
         }
     }
+}
+
+void gsq_linear_f32(const float *x, int M, int K, const float *w, int64_t N, float *y, int nthreads) {
+    linear_float(32, x, M, K, w, N, y, nthreads);
+}
+
+void gsq_linear_bf16(const float *x, int M, int K, const uint16_t *w, int64_t N, float *y, int nthreads) {
+    linear_float(16, x, M, K, w, N, y, nthreads);
 }
 
 // out[r, K] = dequant(W[rows[r]]) for r < R (rows == NULL: rows n0 .. n0 + R - 1).

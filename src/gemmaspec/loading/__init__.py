@@ -111,14 +111,22 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     return LoadedModel(model, tokenizer, name, folder, source, notes)
 
 
-def apply_weight_format(model, weights: str, notes: list[str]) -> None:
-    """Hold Linear weights as `weights` (auto / bf16 keep the float weights of --dtype)."""
-    if weights in ("auto", "bf16", None):
+def apply_weight_format(model, weights: str | None, notes: list[str]) -> None:
+    """Hold Linear weights as `weights`: `float` / None / `auto` keep the float weights of --dtype; `bf16` holds
+    them in bfloat16 (computed in float32 by our kernel where bf16 arithmetic is not native); int8 / int4."""
+    if weights in ("auto", "float", None):
         return
-    if weights not in ("int8", "int4"):
-        raise ModelFileError(f"unknown weight format '{weights}' (auto, bf16, int8, int4)")
-    from ..quant import quantize_model
+    if weights not in ("bf16", "int8", "int4"):
+        raise ModelFileError(f"unknown weight format '{weights}' (auto, float, bf16, int8, int4)")
+    from ..quant import kernels, quantize_model
 
+    if weights == "bf16":
+        device = next((t.device for t in model.buffers()), torch.device("cpu"))
+        if model.dtype == torch.bfloat16:
+            return  # the float weights are bf16 already
+        if device.type != "cpu" or kernels.load() is None:
+            notes.append("bf16 weights need the CPU kernel here: weights kept in the compute dtype")
+            return
     quantize_model(model, weights, notes)
 
 

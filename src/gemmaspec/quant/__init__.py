@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from .. import kernels
+from .bf16 import BF16Weight
 from .formats import GROUP, QuantizedWeight, concat, quantize, replace_parameter, set_linear
 
-__all__ = ["QuantizedWeight", "quantize", "quantize_model", "load_gguf_model", "resolve_weights",
+__all__ = ["QuantizedWeight", "BF16Weight", "quantize", "quantize_model", "load_gguf_model", "resolve_weights",
            "weight_bytes", "kernels"]
 
 BITS = {"int8": 8, "int4": 4}
@@ -65,25 +66,35 @@ def load_gguf_model(folder: Path, source: Path, weights: str | None, dtype: torc
 
 
 def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None = None) -> torch.nn.Module:
-    """Quantize a float model in place, tensor by tensor: every Linear and the (tied) embedding tables."""
+    """Re-hold a float model's weights as `weights` (int8, int4, or bf16 computed in float32) in place, tensor by
+    tensor: every Linear and the (tied) embedding tables."""
     from ..models.layers import Linear
 
-    bits = BITS[weights]
     dtype = model.dtype
+    if weights == "bf16":
+        def pack(w):
+            return BF16Weight(w, dtype)
+        fits = lambda k: True  # noqa: E731
+    else:
+        bits = BITS[weights]
+
+        def pack(w):
+            return quantize(w, bits, dtype=dtype)
+        fits = lambda k: k % GROUP == 0  # noqa: E731
     with torch.no_grad():
         for name in ("embed_tokens", "embed_tokens_per_layer"):
             table = model._parameters.get(name)
-            if table is None or table.dim() != 2 or table.shape[1] % GROUP:
+            if table is None or table.dim() != 2 or not fits(table.shape[1]):
                 continue
-            packed = quantize(table.data, bits, dtype=dtype)
+            packed = pack(table.data)
             tied = [m for m in model.modules() if isinstance(m, Linear) and m.weight is table]
             replace_parameter(model, name, packed)
             for linear in tied:
                 set_linear(linear, packed)
             del table
         for module in list(model.modules()):
-            if isinstance(module, Linear) and module.qweight is None and module.in_features % GROUP == 0:
-                set_linear(module, quantize(module.weight.data, bits, dtype=dtype))
+            if isinstance(module, Linear) and module.qweight is None and fits(module.in_features):
+                set_linear(module, pack(module.weight.data))
     if notes is not None:
         device = next((t.device for t in model.buffers()), torch.device("cpu"))
         notes.append(_note(model, weights, device))
@@ -95,8 +106,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     seen, total = set(), 0
     for module in model.modules():
         tensors = []
-        if isinstance(module, QuantizedWeight):
-            tensors = [t for t in (module.q, module.scales, module.bias) if t is not None]
+        if isinstance(module, (QuantizedWeight, BF16Weight)):
+            tensors = list(module.buffers(recurse=False))
         else:
             tensors = [p for p in module.parameters(recurse=False)]
         for t in tensors:

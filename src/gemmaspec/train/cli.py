@@ -70,7 +70,7 @@ def cmd_train_drafter(args) -> int:
             raise GemmaspecError(f"--resume with different {', '.join(changed)} than the run in {out}")
     run_path.write_text(json.dumps(settings, indent=2))
 
-    target = load_model(args.model, dtype="float32", device="cpu", weights="bf16")
+    target = load_model(args.model, dtype="float32", device="cpu", weights="float")
     docs = interleave(build_corpus(args.corpus))
     if args.max_documents:
         docs = docs[: args.max_documents]
