@@ -100,3 +100,19 @@ def test_geglu_equals_reference():
     gu = torch.randn(3, 2 * 2050, generator=_g(30)) * 4  # 2050: the scalar tail
     gate, up = gu.chunk(2, dim=-1)
     _close(K.gelu_mul(gu), F.gelu(gate.double(), approximate="tanh").float() * up, rel=1e-5)
+
+
+def test_every_verification_size_runs_in_the_kernels():
+    """Verification of the longest draft must use the same kernels as plain decoding (or its logits could
+    differ from plain decoding's in the last bits)."""
+    from gemmaspec.draft_length import MAX_DRAFT_TOKENS
+    from gemmaspec.models.layers import Linear
+
+    assert kernels.MAX_ROWS >= MAX_DRAFT_TOKENS + 1
+    lin = Linear(64, 48)
+    lin.weight.data = torch.randn(48, 64, generator=_g(40))
+    x = torch.randn(MAX_DRAFT_TOKENS + 1, 64, generator=_g(41))
+    with torch.inference_mode():
+        full = lin(x)
+        for m in (0, MAX_DRAFT_TOKENS):
+            assert torch.equal(lin(x[m : m + 1]), full[m : m + 1])

@@ -37,7 +37,7 @@ def _reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("M", [1, 2, 5, 40])  # 40 > SMALL_M: the dequantize-in-blocks + GEMM path
+@pytest.mark.parametrize("M", [1, 2, 5, 40])  # 40 > kernels.MAX_ROWS: the dequantize-in-blocks + GEMM path
 @pytest.mark.parametrize("group", [32, 16])
 def test_matmul_equals_dequantized_reference(backend, bits, M, group):
     w = _weight()

@@ -33,6 +33,11 @@ import torch
 
 SOURCES = ("linear.c", "ops.c")  # compiled together into one library
 
+# Calls of up to MAX_ROWS tokens (decode, verification of up to draft_length.MAX_DRAFT_TOKENS + 1) run here;
+# longer ones (prefill) use PyTorch's GEMM and SDPA. Verification must never cross it: a verified token's logits
+# must come from the same kernel as plain decoding's (tests/test_kernels.py checks the bound).
+MAX_ROWS = 33
+
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"],
     ["-O3", "-march=native", "-fPIC", "-shared"],  # no OpenMP (e.g. Apple clang): one thread
@@ -77,6 +82,7 @@ class Kernels:
     def linear_f32(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ weight [N, K]^T, both float32 contiguous on the CPU -> [M, N]."""
         M, K = x.shape
+        _check_weight(weight, K, torch.float32)
         y = torch.empty(M, weight.shape[0], dtype=torch.float32)
         self.lib.gsq_linear_f32(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(),
                                 torch.get_num_threads())
@@ -85,6 +91,7 @@ class Kernels:
     def linear_bf16(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 @ weight [N, K]^T with weight bfloat16 (widened in registers), contiguous -> [M, N]."""
         M, K = x.shape
+        _check_weight(weight, K, torch.bfloat16)
         y = torch.empty(M, weight.shape[0], dtype=torch.float32)
         self.lib.gsq_linear_bf16(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(),
                                  torch.get_num_threads())
@@ -134,6 +141,11 @@ class Kernels:
         self.lib.gsq_dequant(w.bits, _f32(w), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias), w.in_features, w.group,
                              _ptr(rows), start, count, out.data_ptr(), torch.get_num_threads())
         return out
+
+
+def _check_weight(weight: torch.Tensor, K: int, dtype: torch.dtype) -> None:
+    if weight.dtype != dtype or weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous():
+        raise ValueError(f"kernel weight must be contiguous {dtype} [N, {K}], got {weight.dtype} {list(weight.shape)}")
 
 
 def _f32(w) -> int:

@@ -116,13 +116,14 @@ class Gemma3Block(nn.Module):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
         fast = fused_ops(qkv)
-        if fast is not None and qkv.is_contiguous():  # q/k norm + RoPE in place, one call
+        fused = fast is not None and qkv.is_contiguous() and cos.is_contiguous() and cos.shape == (T, self.head_dim)
+        if fused:  # q/k norm + RoPE in place, one call
             fast.qk_norm_rope(qkv, self.n_heads, self.n_kv, self.head_dim, self.q_norm.weight, self.k_norm.weight,
                               self.q_norm.eps, cos, sin)
         q = qkv[:, :q_dim].view(T, self.n_heads, self.head_dim).transpose(0, 1)
         k = qkv[:, q_dim : q_dim + kv_dim].view(T, self.n_kv, self.head_dim).transpose(0, 1)
         v = qkv[:, q_dim + kv_dim :].view(T, self.n_kv, self.head_dim).transpose(0, 1)
-        if fast is None or not qkv.is_contiguous():
+        if not fused:
             q = apply_rope(self.q_norm(q), cos, sin)
             k = apply_rope(self.k_norm(k), cos, sin)
         attn = attend(q, cache.update(layer_idx, k, v), self.scale)

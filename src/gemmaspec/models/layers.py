@@ -15,7 +15,6 @@ from .. import kernels
 from ..cache import AttentionView
 from ..errors import ModelFileError
 
-FUSED_MAX_TOKENS = 24  # decode and verification sizes; prefill keeps PyTorch's GEMM and SDPA
 
 
 def fused_ops(x: torch.Tensor):
@@ -27,12 +26,17 @@ def fused_ops(x: torch.Tensor):
     return kernels.load()
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm computed in float32 (as the reference does), scaled by `weight` (already the effective scale),
     plus `residual` when given."""
     fast = fused_ops(x)
-    if fast is not None and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+    if (fast is not None and x.is_contiguous() and (residual is None or _same(residual, x))
+            and (weight is None or (weight.dtype == torch.float32 and weight.numel() == x.shape[-1]))):
         return fast.rms_norm(x, weight, eps, residual)
     y = F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
     return y if residual is None else residual + y
@@ -64,7 +68,7 @@ class Linear(nn.Module):
         if self.qweight is not None:
             return self.qweight.linear(x)
         fast = fused_ops(x)
-        if fast is not None and x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS and self.weight.dtype == torch.float32:
+        if fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.weight.dtype == torch.float32:
             return fast.linear_f32(self.weight, x.contiguous())
         return F.linear(x, self.weight)
 
@@ -96,8 +100,10 @@ def attend(q: torch.Tensor, view: AttentionView, scale: float) -> torch.Tensor:
     n_q, n_kv = q.shape[0], view.keys.shape[0]
     mask = view.mask
     fast = fused_ops(q)
-    if (fast is not None and q.shape[1] <= FUSED_MAX_TOKENS and q.stride(-1) == 1 and view.keys.stride(-1) == 1
-            and view.values.stride(-1) == 1 and (mask is None or mask.is_contiguous())):
+    if (fast is not None and q.shape[1] <= kernels.MAX_ROWS and q.stride(-1) == 1
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (view.keys, view.values))
+            and (mask is None or (mask.dtype == torch.bool and mask.shape == (q.shape[1], view.keys.shape[1])
+                                  and mask.is_contiguous()))):
         return fast.attention(q, view.keys, view.values, mask, scale)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(0),

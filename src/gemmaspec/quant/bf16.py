@@ -14,7 +14,6 @@ from torch import nn
 
 from .. import kernels
 
-SMALL_M = 24  # rows of x up to which the C kernel runs (decode, verification); prefill converts blocks for the GEMM
 BLOCK_ROWS = 4096  # rows of W widened per GEMM call for large M
 
 
@@ -58,7 +57,8 @@ class BF16Weight(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ W^T -> [..., N] in x's dtype."""
-        if x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= SMALL_M and self.w.is_cpu:
+        if (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.w.is_cpu
+                and not (x.requires_grad and torch.is_grad_enabled())):
             k = kernels.load()
             if k is not None:
                 return k.linear_bf16(self.w, x.contiguous())

@@ -24,7 +24,6 @@ from ..errors import ModelFileError
 from .. import kernels
 
 GROUP = 32
-SMALL_M = 24  # rows of x up to which the C kernel beats dequantize + GEMM (crossover ~24-32 on AVX2)
 DEQUANT_BLOCK_ROWS = 4096  # rows of W dequantized per GEMM for large M (~10 MB of float32 at K = 640)
 
 
@@ -83,19 +82,17 @@ class QuantizedWeight(nn.Module):
         return rows.reshape(*ids.shape, self.in_features)
 
     def kernel_args(self) -> tuple:
-        """(bits, float32 scales?, q, scales, bias pointers, group, N) for the C kernel, built once: reading buffers
-        through nn.Module attributes costs more than a small matmul (`_apply`, i.e. .to(), rebuilds it)."""
-        args = self.__dict__.get("_kernel_args")
-        if args is None:
-            bias = self.bias.data_ptr() if self.bias is not None else None
-            args = (self.bits, int(self.scales.dtype == torch.float32), self.q.data_ptr(), self.scales.data_ptr(), bias,
-                    self.group, self.out_features)
-            self.__dict__["_kernel_args"] = args
-        return args
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_kernel_args", None)
-        return super()._apply(fn, *args, **kwargs)
+        """(bits, float32 scales?, q, scales, bias pointers, group, N) for the C kernel, built once per set of
+        buffers: reading them through nn.Module attributes costs more than a small matmul."""
+        buffers = self._buffers
+        key = (buffers["q"], buffers["scales"], buffers["bias"])
+        cached = self.__dict__.get("_kernel_args")
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            q, scales, bias = key
+            args = (self.bits, int(scales.dtype == torch.float32), q.data_ptr(), scales.data_ptr(),
+                    bias.data_ptr() if bias is not None else None, self.group, self.out_features)
+            cached = self.__dict__["_kernel_args"] = (key, args)
+        return cached[1]
 
     # ---- dequantization ---------------------------------------------------------------------------------
     def values(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
@@ -121,7 +118,8 @@ class QuantizedWeight(nn.Module):
     # ---- matmul -----------------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ W^T -> [..., N] in x's dtype."""
-        if x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= SMALL_M and self.q.is_cpu:
+        if (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.q.is_cpu
+                and not (x.requires_grad and torch.is_grad_enabled())):
             k = kernels.load()  # the decode / verification fast path: no reshapes, no casts
             if k is not None:
                 return k.linear(self, x.contiguous())
@@ -136,7 +134,7 @@ class QuantizedWeight(nn.Module):
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float().contiguous()
         k = kernels.load()
-        if k is not None and xf.shape[0] <= SMALL_M:
+        if k is not None and xf.shape[0] <= kernels.MAX_ROWS:
             return k.linear(self, xf)
         # Large M (prefill): dequantize blocks of rows and use the float32 GEMM, which is compute-bound there.
         y = torch.empty(xf.shape[0], self.out_features, dtype=torch.float32)
