@@ -30,10 +30,10 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
 def test_float32_linear_equals_torch_and_rows_are_independent(M, Kdim):
     w = torch.randn(37, Kdim, generator=_g(0))
     x = torch.randn(M, Kdim, generator=_g(1))
-    y = K.linear_f32(w, x)
+    y = K.linear_float(w, x)
     _close(y, x.double().mm(w.double().t()).float())
     for m in range(M):
-        assert torch.equal(K.linear_f32(w, x[m : m + 1].contiguous()), y[m : m + 1])
+        assert torch.equal(K.linear_float(w, x[m : m + 1].contiguous()), y[m : m + 1])
 
 
 @pytest.mark.parametrize("with_weight", [True, False])

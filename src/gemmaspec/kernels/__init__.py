@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCES = ("linear.c", "ops.c")  # compiled together into one library
+HEADERS = ("common.h",)
 
 # Calls of up to MAX_ROWS tokens (decode, verification of up to draft_length.MAX_DRAFT_TOKENS + 1) run here;
 # longer ones (prefill) use PyTorch's GEMM and SDPA. Verification must never cross it: a verified token's logits
@@ -65,7 +66,8 @@ class Kernels:
         lib.gso_qk_norm_rope.argtypes = [P, I, I, I, I, I, P, P, F, P, P, I]
         lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I]
         lib.gso_gelu_mul.argtypes = [P, I, I, P]
-        for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention, lib.gso_gelu_mul):
+        for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention,
+                   lib.gso_gelu_mul):
             fn.restype = None
         self.lib, self.path = lib, path
         self.simd = "avx2" if lib.gsq_has_avx2() else "portable C"
@@ -79,22 +81,17 @@ class Kernels:
                             torch.get_num_threads())
         return y
 
-    def linear_f32(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ weight [N, K]^T, both float32 contiguous on the CPU -> [M, N]."""
+    def linear_float(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 @ weight [N, K]^T, weight float32 or bfloat16 (widened in registers), both contiguous
+        on the CPU -> [M, N] float32."""
         M, K = x.shape
-        _check_weight(weight, K, torch.float32)
+        if weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2 or weight.shape[1] != K \
+                or not weight.is_contiguous():
+            raise ValueError(f"kernel weight must be contiguous float32/bfloat16 [N, {K}], got {weight.dtype} "
+                             f"{list(weight.shape)}")
+        fn = self.lib.gsq_linear_f32 if weight.dtype == torch.float32 else self.lib.gsq_linear_bf16
         y = torch.empty(M, weight.shape[0], dtype=torch.float32)
-        self.lib.gsq_linear_f32(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(),
-                                torch.get_num_threads())
-        return y
-
-    def linear_bf16(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 @ weight [N, K]^T with weight bfloat16 (widened in registers), contiguous -> [M, N]."""
-        M, K = x.shape
-        _check_weight(weight, K, torch.bfloat16)
-        y = torch.empty(M, weight.shape[0], dtype=torch.float32)
-        self.lib.gsq_linear_bf16(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(),
-                                 torch.get_num_threads())
+        fn(x.data_ptr(), M, K, weight.data_ptr(), weight.shape[0], y.data_ptr(), torch.get_num_threads())
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
@@ -141,11 +138,6 @@ class Kernels:
         self.lib.gsq_dequant(w.bits, _f32(w), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias), w.in_features, w.group,
                              _ptr(rows), start, count, out.data_ptr(), torch.get_num_threads())
         return out
-
-
-def _check_weight(weight: torch.Tensor, K: int, dtype: torch.dtype) -> None:
-    if weight.dtype != dtype or weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous():
-        raise ValueError(f"kernel weight must be contiguous {dtype} [N, {K}], got {weight.dtype} {list(weight.shape)}")
 
 
 def _f32(w) -> int:
@@ -199,7 +191,7 @@ def _build() -> Path:
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
     here = Path(__file__).parent
-    sources = [(here / name).read_text() for name in SOURCES]
+    sources = [(here / name).read_text() for name in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*sources, cc, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
     folder = cache_root() / "kernels" / key
     lib = folder / "libgemmaspec.so"
@@ -209,9 +201,10 @@ def _build() -> Path:
     errors = []
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         paths = []
-        for name, text in zip(SOURCES, sources):
-            paths.append(Path(tmp) / name)
-            paths[-1].write_text(text)
+        for name, text in zip(SOURCES + HEADERS, sources):
+            (Path(tmp) / name).write_text(text)
+            if name in SOURCES:
+                paths.append(Path(tmp) / name)
         for flags in _FLAG_SETS:
             out = Path(tmp) / lib.name
             proc = subprocess.run([cc, *flags, *map(str, paths), "-o", str(out), "-lm"], capture_output=True, text=True,

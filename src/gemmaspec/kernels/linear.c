@@ -7,19 +7,13 @@
 //         and weight i + 16 in its high nibble (values 0..15).
 // A row is dequantized into a float buffer in L1 and dotted with every row of x, so the weights are read
 // from memory once per call whatever M is: the speculative-verification shape (M = k + 1 rows).
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define GSQ_AVX2 1
-#endif
+
+#include "common.h"
 
 static inline float h2f(uint16_t h) {
-#ifdef GSQ_AVX2
+#ifdef GS_AVX2
     return _cvtsh_ss(h);
 #else
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -51,7 +45,7 @@ static void deq_row_i8(const int8_t *q, const void *s, const void *b, int f32, i
         const float sc = SC(s, j), bi = b ? SC(b, j) : 0.0f;
         const int8_t *qj = q + (size_t)j * g;
         float *o = out + (size_t)j * g;
-#ifdef GSQ_AVX2
+#ifdef GS_AVX2
         const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
         for (int c = 0; c < g; c += 16) {
             __m128i raw = _mm_loadu_si128((const __m128i *)(qj + c));
@@ -74,7 +68,7 @@ static void deq_row_i4(const uint8_t *q, const void *s, const void *b, int f32, 
         const uint8_t *qc = q + (k & ~31) / 2;
         const int shift = (k & 16) ? 4 : 0;
         float *o = out + k;
-#ifdef GSQ_AVX2
+#ifdef GS_AVX2
         const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
         __m128i raw = _mm_loadu_si128((const __m128i *)qc);
         __m128i v = _mm_and_si128(shift ? _mm_srli_epi16(raw, 4) : raw, _mm_set1_epi8(0x0f));
@@ -98,16 +92,6 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
         deq_row_i4((const uint8_t *)q + (size_t)n * K / 2, sn, bn, f32, K, g, out);
 }
 
-// ---- dot products of one float row with 1 or 4 rows of x (K a multiple of 32) ------------------------
-#ifdef GSQ_AVX2
-static inline float hsum(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
-}
-#endif
-
 // ---- fused tiles: NR weight rows x MT rows of x, each weight converted once per tile -------------------------
 // Every output y[m, n] is accumulated in one fixed order whatever M and the tile shape are, so y[m] does not
 // depend on M bitwise (speculative verification sees exactly the values plain decoding would): per group, two
@@ -117,7 +101,7 @@ static inline float hsum(__m256 v) {
 // accumulators stay in registers.
 #define MT 4
 #define NR 4
-#ifdef GSQ_AVX2
+#ifdef GS_AVX2
 // weights k..k+7 of a row as floats (k a multiple of 8)
 static inline __attribute__((always_inline)) __m256 load8(const int BITS, const void *qrow, int k) {
     if (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)qrow + k))));
@@ -272,7 +256,7 @@ static void rows4(const int BITS, int f32, const char *q, size_t qrow_bytes, con
 // Rows [n_begin, n_end) of y = x @ W^T for one (BITS, group size): every argument a register, not a field of
 // an OpenMP closure (GCC reloads those inside the loops: 1.5x slower).
 struct job {
-    int f32, M, K, G;
+    int f32, M, K, G, g;
     const float *x, *xs;
     const char *q, *s, *b;
     size_t row_bytes, srow;
@@ -281,8 +265,9 @@ struct job {
 };
 
 #define RANGE_FN(NAME, BITS, GC)                                                                                   \
-static __attribute__((noinline)) void NAME(const struct job *jb, int g, int64_t n_begin, int64_t n_end) {          \
-    const int f32 = jb->f32, M = jb->M, K = jb->K, G = jb->G;                                                   \
+static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                     \
+    const struct job *jb = (const struct job *)ctx;                                                             \
+    const int f32 = jb->f32, M = jb->M, K = jb->K, G = jb->G, g = jb->g;                                        \
     const size_t row_bytes = jb->row_bytes, srow = jb->srow;                                                    \
     const int64_t N = jb->N;                                                                                    \
     float r[NR * MT];                                                                                           \
@@ -331,28 +316,11 @@ void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, 
             xs[i] = acc;
         }
     }
-    const struct job jb = {f32, M, K, G, x, xs, (const char *)q, (const char *)s, (const char *)b,
+    const struct job jb = {f32, M, K, G, g, x, xs, (const char *)q, (const char *)s, (const char *)b,
                            bits == 8 ? (size_t)K : (size_t)K / 2, (size_t)G * (f32 ? 4 : 2), N, y};
-    void (*fn)(const struct job *, int, int64_t, int64_t) =
-        bits == 8 ? (g == 32 ? range_i8_g32 : g == 16 ? range_i8_g16 : range_i8_any)
-                  : (g == 32 ? range_i4_g32 : g == 16 ? range_i4_g16 : range_i4_any);
-    const int64_t blocks = (N + NR - 1) / NR;
-    // a thread team costs microseconds: only for matrices that take longer than that
-    const int threads = (int64_t)N * K * M > (1 << 19) ? nthreads : 1;
-    if (threads <= 1) {
-        fn(&jb, g, 0, N);
-    } else {
-#pragma omp parallel num_threads(threads)
-        {
-#ifdef _OPENMP
-            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-            const int64_t t = 0, nt = 1;
-#endif
-            const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
-            fn(&jb, g, b0 * NR, b1 * NR < N ? b1 * NR : N);
-        }
-    }
+    const row_range_fn fn = bits == 8 ? (g == 32 ? range_i8_g32 : g == 16 ? range_i8_g16 : range_i8_any)
+                                      : (g == 32 ? range_i4_g32 : g == 16 ? range_i4_g16 : range_i4_any);
+    split_rows(fn, &jb, N, NR, N * K * M, nthreads);
     free(xs);
 }
 
@@ -368,7 +336,7 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 #define WLOAD1(WB, w, k) ((WB) == 32 ? ((const float *)(w))[k] : bf16_to_f32(((const uint16_t *)(w))[k]))
-#ifdef GSQ_AVX2
+#ifdef GS_AVX2
 static inline __attribute__((always_inline)) __m256 wload8(const int WB, const void *w, int k) {
     if (WB == 32) return _mm256_loadu_ps((const float *)w + k);
     const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
@@ -408,12 +376,23 @@ static void tile_float(const int WB, const void *w, int K, const float *x, const
 }
 #endif
 
+struct float_job {
+    const float *x;
+    int M, K;
+    const void *w;
+    int64_t N;
+    float *y;
+};
+
 #define FLOAT_RANGE_FN(NAME, WB)                                                                                   \
-static __attribute__((noinline)) void NAME(const float *x, int M, int K, const void *w, int64_t N, float *y,       \
-                                           int64_t n_begin, int64_t n_end) {                                    \
+static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                      \
+    const struct float_job *jb = (const struct float_job *)ctx;                                                 \
+    const float *x = jb->x;                                                                                     \
+    const int M = jb->M, K = jb->K;                                                                             \
+    const int64_t N = jb->N;                                                                                    \
     float r[MT];                                                                                                \
     for (int64_t n = n_begin; n < n_end; n++) {                                                                 \
-        const char *wn = (const char *)w + (size_t)n * K * (WB / 8);                                            \
+        const char *wn = (const char *)jb->w + (size_t)n * K * (WB / 8);                                        \
         for (int m0 = 0; m0 < M; m0 += MT) {                                                                    \
             const int mt = M - m0 < MT ? M - m0 : MT;                                                           \
             const float *xm = x + (size_t)m0 * K;                                                               \
@@ -423,7 +402,7 @@ static __attribute__((noinline)) void NAME(const float *x, int M, int K, const v
                 case 2: tile_float(WB, wn, K, xm, 2, r); break;                                                 \
                 default: tile_float(WB, wn, K, xm, 1, r); break;                                                \
             }                                                                                                   \
-            for (int i = 0; i < mt; i++) y[(size_t)(m0 + i) * N + n] = r[i];                                    \
+            for (int i = 0; i < mt; i++) jb->y[(size_t)(m0 + i) * N + n] = r[i];                                \
         }                                                                                                       \
     }                                                                                                           \
 }
@@ -432,21 +411,8 @@ FLOAT_RANGE_FN(range_bf16, 16)
 #undef FLOAT_RANGE_FN
 
 static void linear_float(const int WB, const float *x, int M, int K, const void *w, int64_t N, float *y, int nthreads) {
-    void (*fn)(const float *, int, int, const void *, int64_t, float *, int64_t, int64_t) = WB == 32 ? range_f32 : range_bf16;
-    const int threads = (int64_t)N * K * M > (1 << 19) ? nthreads : 1;
-    if (threads <= 1) {
-        fn(x, M, K, w, N, y, 0, N);
-    } else {
-#pragma omp parallel num_threads(threads)
-        {
-#ifdef _OPENMP
-            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-            const int64_t t = 0, nt = 1;
-#endif
-            fn(x, M, K, w, N, y, N * t / nt, N * (t + 1) / nt);
-        }
-    }
+    const struct float_job jb = {x, M, K, w, N, y};
+    split_rows(WB == 32 ? range_f32 : range_bf16, &jb, N, 1, N * K * M, nthreads);
 }
 
 void gsq_linear_f32(const float *x, int M, int K, const float *w, int64_t N, float *y, int nthreads) {
@@ -465,7 +431,7 @@ void gsq_dequant(int bits, int f32, const void *q, const void *s, const void *b,
 }
 
 int gsq_has_avx2(void) {
-#ifdef GSQ_AVX2
+#ifdef GS_AVX2
     return 1;
 #else
     return 0;

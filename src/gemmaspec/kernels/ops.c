@@ -8,21 +8,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GSO_AVX2 1
-#endif
 
-#ifdef GSO_AVX2
-static inline float hsum(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
-}
+#include "common.h"
+
+#ifdef GS_AVX2
 
 // exp(x) for 8 floats, Cephes' expf polynomial (relative error ~1e-7), inputs clamped to +-88.
 static inline __m256 exp8(__m256 x) {
@@ -44,7 +33,7 @@ static inline __m256 exp8(__m256 x) {
 #endif
 
 static inline float dot(const float *a, const float *b, int n) {
-#ifdef GSO_AVX2
+#ifdef GS_AVX2
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -118,7 +107,7 @@ static void attend_one(const float *q, const float *K, int64_t ks, const float *
     }
     for (int i = 0; i < vd; i++) out[i] = 0.0f;
     if (mx == -INFINITY) return;  // no valid slot
-#ifdef GSO_AVX2
+#ifdef GS_AVX2
     const __m256 vmx = _mm256_set1_ps(mx);
     int s = 0;
     for (; s + 8 <= S; s += 8) _mm256_storeu_ps(scores + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), vmx)));
@@ -138,7 +127,7 @@ static void attend_one(const float *q, const float *K, int64_t ks, const float *
         sum += p;
         const float *v = V + (size_t)s * vs;
         int i = 0;
-#ifdef GSO_AVX2
+#ifdef GS_AVX2
         const __m256 vp = _mm256_set1_ps(p);
         for (; i + 8 <= vd; i += 8)
             _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
@@ -177,7 +166,7 @@ void gso_gelu_mul(const float *gu, int T, int I, float *out) {
         const float *g = gu + (size_t)t * 2 * I, *u = g + I;
         float *o = out + (size_t)t * I;
         int i = 0;
-#ifdef GSO_AVX2
+#ifdef GS_AVX2
         const __m256 vc = _mm256_set1_ps(-2.0f * c), vk = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.0f);
         for (; i + 8 <= I; i += 8) {
             const __m256 x = _mm256_loadu_ps(g + i);

@@ -69,7 +69,7 @@ class Linear(nn.Module):
             return self.qweight.linear(x)
         fast = fused_ops(x)
         if fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.weight.dtype == torch.float32:
-            return fast.linear_f32(self.weight, x.contiguous())
+            return fast.linear_float(self.weight, x.contiguous())
         return F.linear(x, self.weight)
 
 

@@ -1,0 +1,43 @@
+// Shared by the gemmaspec kernels: SIMD detection, a horizontal sum, and the split of output rows over threads.
+#pragma once
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GS_AVX2 1
+#endif
+
+#ifdef GS_AVX2
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+#endif
+
+// fn(ctx, begin, end) over rows [0, n), split in contiguous ranges (multiples of `align`) over up to nthreads
+// threads; one thread when the call is small (`work` multiply-adds): a thread team costs microseconds. The
+// ranges are arguments of fn, not fields of an OpenMP closure (GCC reloads those inside hot loops: 1.5x slower).
+typedef void (*row_range_fn)(const void *ctx, int64_t begin, int64_t end);
+
+static inline void split_rows(row_range_fn fn, const void *ctx, int64_t n, int64_t align, int64_t work, int nthreads) {
+    const int threads = work > (1 << 19) ? nthreads : 1;
+    if (threads <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    const int64_t blocks = (n + align - 1) / align;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int64_t t = 0, nt = 1;
+#endif
+        const int64_t b0 = blocks * t / nt * align, b1 = blocks * (t + 1) / nt * align;
+        fn(ctx, b0, b1 < n ? b1 : n);
+    }
+}
