@@ -92,17 +92,17 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
         deq_row_i4((const uint8_t *)q + (size_t)n * K / 2, sn, bn, f32, K, g, out);
 }
 
-// ---- fused tiles: NR weight rows x MT rows of x, each weight converted once per tile -------------------------
-// Every output y[m, n] is accumulated in one fixed order whatever M and the tile shape are, so y[m] does not
-// depend on M bitwise (speculative verification sees exactly the values plain decoding would): per group, two
-// 8-lane accumulators (weights at offsets 0-7 mod 16 and 8-15 mod 16), then total += (a + b) * scale. Tiles of 4
-// weight rows give the CPU 8 independent FMA chains when M is 1 (one chain is latency-bound: 3x slower).
-// BITS, NR, MT and the usual group sizes are constants at each call site, so branches fold away and the
-// accumulators stay in registers.
+// ---- tiles: one weight row x up to MT rows of x -------------------------------------------------------------
+// Each output y[m, n] is accumulated in one fixed order whatever M is, so y[m] does not depend on M bitwise
+// (speculative verification sees exactly the values plain decoding would): per group j, the products of its
+// 8-value chunks are summed pairwise into p_j (chunk products are independent: no FMA chain inside a group),
+// then total[j % 2] += p_j * scale_j; y = hsum(total[0] + total[1]) + sum_j bias_j * sum(x in group j).
+// One weight row at a time keeps the weights a single sequential stream (interleaving several rows halved
+// the DRAM read rate here), and every weight vector is converted once for all rows of x in the tile.
+// BITS, G (group size 16 or 32; 0: read g, a multiple of 32) and MT are constants at each call site.
 #define MT 4
-#define NR 4
 #ifdef GS_AVX2
-// weights k..k+7 of a row as floats (k a multiple of 8)
+// values k..k+7 of a row as floats (k a multiple of 8)
 static inline __attribute__((always_inline)) __m256 load8(const int BITS, const void *qrow, int k) {
     if (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)qrow + k))));
     // int4: values k..k+7 are nibbles of bytes (k & 15)..+7 of their 32-value chunk: low ones for k & 16 == 0
@@ -111,8 +111,12 @@ static inline __attribute__((always_inline)) __m256 load8(const int BITS, const 
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
 }
 
-// int4 weights k..k+31 (one 16-byte chunk, k a multiple of 32) as four vectors of 8 floats: each byte read once
-static inline __attribute__((always_inline)) void load32_i4(const void *qrow, int k, __m256 *w) {
+// values k..k+31 (k a multiple of 32) as four vectors: int8 directly, int4 reading its 16-byte chunk once
+static inline __attribute__((always_inline)) void load32(const int BITS, const void *qrow, int k, __m256 *w) {
+    if (BITS == 8) {
+        for (int i = 0; i < 4; i++) w[i] = load8(8, qrow, k + 8 * i);
+        return;
+    }
     const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)qrow + k / 2)), m4 = _mm_set1_epi8(0x0f);
     const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
     w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
@@ -121,140 +125,84 @@ static inline __attribute__((always_inline)) void load32_i4(const void *qrow, in
     w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 
-static inline __attribute__((always_inline)) void tile(const int BITS, int f32, const char *q, size_t qrow_bytes,
-        const char *s, const char *b, size_t srow, int K, const int g, const float *x, const float *xs, int G,
-        const int nr, const int mt, float *r) {
-    __m256 tot[NR][MT], acc0[NR][MT], acc1[NR][MT];
-    float bacc[NR][MT];
-    for (int n = 0; n < nr; n++)
-        for (int m = 0; m < mt; m++) { tot[n][m] = _mm256_setzero_ps(); bacc[n][m] = 0.0f; }
-    for (int j = 0; j < K / g; j++) {
-        const int k0 = j * g;
-        for (int n = 0; n < nr; n++)
-            for (int m = 0; m < mt; m++) { acc0[n][m] = _mm256_setzero_ps(); acc1[n][m] = _mm256_setzero_ps(); }
-        if (BITS == 4 && g % 32 == 0) {
-            for (int c = 0; c < g; c += 32) {
-                for (int n = 0; n < nr; n++) {
-                    __m256 w[4];
-                    load32_i4(q + n * qrow_bytes, k0 + c, w);
-                    for (int m = 0; m < mt; m++) {
-                        const float *xm = x + (size_t)m * K + k0 + c;
-                        acc0[n][m] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xm), acc0[n][m]);
-                        acc1[n][m] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), acc1[n][m]);
-                        acc0[n][m] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), acc0[n][m]);
-                        acc1[n][m] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), acc1[n][m]);
-                    }
-                }
-            }
-        } else {
-            for (int c = 0; c < g; c += 16) {
-                for (int n = 0; n < nr; n++) {
-                    const __m256 w0 = load8(BITS, q + n * qrow_bytes, k0 + c), w1 = load8(BITS, q + n * qrow_bytes, k0 + c + 8);
-                    for (int m = 0; m < mt; m++) {
-                        const float *xm = x + (size_t)m * K + k0 + c;
-                        acc0[n][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc0[n][m]);
-                        acc1[n][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc1[n][m]);
-                    }
-                }
-            }
+// p[m] = the 8-lane products of group j (g values from k0) with row m of x, pairwise summed
+static inline __attribute__((always_inline)) void group_products(const int BITS, const int g, const char *q, int k0,
+                                                                 const float *x, int K, const int mt, __m256 *p) {
+    if (g == 16) {
+        const __m256 w0 = load8(BITS, q, k0), w1 = load8(BITS, q, k0 + 8);
+        for (int m = 0; m < mt; m++) {
+            const float *xm = x + (size_t)m * K + k0;
+            p[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xm)));
         }
-        for (int n = 0; n < nr; n++) {
-            const __m256 vs = _mm256_set1_ps(SC(s + n * srow, j));
-            for (int m = 0; m < mt; m++) tot[n][m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[n][m], acc1[n][m]), vs, tot[n][m]);
-            if (b) {
-                const float bj = SC(b + n * srow, j);
-                for (int m = 0; m < mt; m++) bacc[n][m] += bj * xs[(size_t)m * G + j];
-            }
+        return;
+    }
+    for (int c = 0; c < g; c += 32) {
+        __m256 w[4];
+        load32(BITS, q, k0 + c, w);
+        for (int m = 0; m < mt; m++) {
+            const float *xm = x + (size_t)m * K + k0 + c;
+            const __m256 p01 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(xm)));
+            const __m256 p23 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(xm + 16)));
+            const __m256 pc = _mm256_add_ps(p01, p23);
+            p[m] = c == 0 ? pc : _mm256_add_ps(p[m], pc);
         }
     }
-    for (int n = 0; n < nr; n++)
-        for (int m = 0; m < mt; m++) r[n * MT + m] = hsum(tot[n][m]) + bacc[n][m];
 }
 
-// The M = 1 tile (plain decoding, the LM head) written out: the same arithmetic as tile(BITS, 4 rows, 1), with
-// the four rows' accumulators as named registers (GCC keeps the arrays above partly on the stack).
-static inline __attribute__((always_inline)) void rows4(const int BITS, int f32, const char *q, size_t qrow_bytes,
-        const char *s, const char *b, size_t srow, int K, const int g, const float *x, const float *xs, float *r) {
-    __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-    float b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
-    const char *q1 = q + qrow_bytes, *q2 = q1 + qrow_bytes, *q3 = q2 + qrow_bytes;
-    for (int j = 0; j < K / g; j++) {
-        const int k0 = j * g;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-        if (BITS == 4 && g % 32 == 0) {
-            for (int c = 0; c < g; c += 32) {
-                const int k = k0 + c;
-                const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
-                const __m256 xc = _mm256_loadu_ps(x + k + 16), xd = _mm256_loadu_ps(x + k + 24);
-                __m256 w[4];
-#define ROW(QR, A, C) load32_i4(QR, k, w); A = _mm256_fmadd_ps(w[0], xa, A); C = _mm256_fmadd_ps(w[1], xb, C); \
-                      A = _mm256_fmadd_ps(w[2], xc, A); C = _mm256_fmadd_ps(w[3], xd, C);
-                ROW(q, a0, c0) ROW(q1, a1, c1) ROW(q2, a2, c2) ROW(q3, a3, c3)
-#undef ROW
-            }
-        } else {
-            for (int c = 0; c < g; c += 16) {
-                const int k = k0 + c;
-                const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
-                a0 = _mm256_fmadd_ps(load8(BITS, q, k), xa, a0);
-                c0 = _mm256_fmadd_ps(load8(BITS, q, k + 8), xb, c0);
-                a1 = _mm256_fmadd_ps(load8(BITS, q1, k), xa, a1);
-                c1 = _mm256_fmadd_ps(load8(BITS, q1, k + 8), xb, c1);
-                a2 = _mm256_fmadd_ps(load8(BITS, q2, k), xa, a2);
-                c2 = _mm256_fmadd_ps(load8(BITS, q2, k + 8), xb, c2);
-                a3 = _mm256_fmadd_ps(load8(BITS, q3, k), xa, a3);
-                c3 = _mm256_fmadd_ps(load8(BITS, q3, k + 8), xb, c3);
-            }
-        }
-        t0 = _mm256_fmadd_ps(_mm256_add_ps(a0, c0), _mm256_set1_ps(SC(s, j)), t0);
-        t1 = _mm256_fmadd_ps(_mm256_add_ps(a1, c1), _mm256_set1_ps(SC(s + srow, j)), t1);
-        t2 = _mm256_fmadd_ps(_mm256_add_ps(a2, c2), _mm256_set1_ps(SC(s + 2 * srow, j)), t2);
-        t3 = _mm256_fmadd_ps(_mm256_add_ps(a3, c3), _mm256_set1_ps(SC(s + 3 * srow, j)), t3);
-        if (b) {
-            const float xj = xs[j];
-            b0 += SC(b, j) * xj;
-            b1 += SC(b + srow, j) * xj;
-            b2 += SC(b + 2 * srow, j) * xj;
-            b3 += SC(b + 3 * srow, j) * xj;
-        }
+static inline __attribute__((always_inline)) void tile(const int BITS, const int G, int f32, const char *q,
+        const char *s, const char *b, int K, int g_runtime, const float *x, const float *xs, int ngroups,
+        const int mt, float *r) {
+    const int g = G ? G : g_runtime;
+    __m256 tot0[MT], tot1[MT], p[MT];  // totals of even and odd groups: two independent FMA chains
+    float bacc[MT];
+    for (int m = 0; m < mt; m++) { tot0[m] = tot1[m] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
+    _mm_prefetch(s + (size_t)ngroups * (f32 ? 4 : 2) * 4, _MM_HINT_T0);  // the scales of 4 rows ahead
+    int j = 0;
+    for (; j + 2 <= ngroups; j += 2) {
+        group_products(BITS, g, q, j * g, x, K, mt, p);
+        const __m256 s0 = _mm256_set1_ps(SC(s, j));
+        for (int m = 0; m < mt; m++) tot0[m] = _mm256_fmadd_ps(p[m], s0, tot0[m]);
+        group_products(BITS, g, q, (j + 1) * g, x, K, mt, p);
+        const __m256 s1 = _mm256_set1_ps(SC(s, j + 1));
+        for (int m = 0; m < mt; m++) tot1[m] = _mm256_fmadd_ps(p[m], s1, tot1[m]);
     }
-    r[0] = hsum(t0) + b0;
-    r[MT] = hsum(t1) + b1;
-    r[2 * MT] = hsum(t2) + b2;
-    r[3 * MT] = hsum(t3) + b3;
+    if (j < ngroups) {
+        group_products(BITS, g, q, j * g, x, K, mt, p);
+        const __m256 s0 = _mm256_set1_ps(SC(s, j));
+        for (int m = 0; m < mt; m++) tot0[m] = _mm256_fmadd_ps(p[m], s0, tot0[m]);
+    }
+    if (b)
+        for (int jj = 0; jj < ngroups; jj++) {
+            const float bj = SC(b, jj);
+            for (int m = 0; m < mt; m++) bacc[m] += bj * xs[(size_t)m * ngroups + jj];
+        }
+    for (int m = 0; m < mt; m++) r[m] = hsum(_mm256_add_ps(tot0[m], tot1[m])) + bacc[m];
 }
 #else
-static void tile(const int BITS, int f32, const char *q, size_t qrow_bytes, const char *s, const char *b, size_t srow,
-                 int K, int g, const float *x, const float *xs, int G, const int nr, const int mt, float *r) {
-    for (int n = 0; n < nr; n++) {
-        const void *qrow = q + n * qrow_bytes;
-        const char *sn = s + n * srow, *bn = b ? b + n * srow : NULL;
-        for (int m = 0; m < mt; m++) {
-            float tot = 0.0f, bacc = 0.0f;
-            for (int j = 0; j < K / g; j++) {
-                float acc[2] = {0.0f, 0.0f};
-                for (int c = 0; c < g; c++) {
-                    const int k = j * g + c;  // int4: byte (k & ~31) / 2 + (k & 15), high nibble when k & 16
-                    const float v = BITS == 8 ? (float)((const int8_t *)qrow)[k]
-                        : (float)((((const uint8_t *)qrow)[(k & ~31) / 2 + (k & 15)] >> ((k & 16) ? 4 : 0)) & 15);
-                    acc[(c / 8) & 1] += v * x[(size_t)m * K + k];
-                }
-                tot += (acc[0] + acc[1]) * SC(sn, j);
-                if (bn) bacc += SC(bn, j) * xs[(size_t)m * G + j];
+static void tile(const int BITS, const int G, int f32, const char *q, const char *s, const char *b, int K,
+                 int g_runtime, const float *x, const float *xs, int ngroups, const int mt, float *r) {
+    const int g = G ? G : g_runtime;
+    const uint8_t *qrow = (const uint8_t *)q;
+    for (int m = 0; m < mt; m++) {
+        float tot[2] = {0.0f, 0.0f}, bacc = 0.0f;
+        for (int j = 0; j < ngroups; j++) {
+            float p = 0.0f;
+            for (int c = 0; c < g; c++) {
+                const int k = j * g + c;  // int4: byte (k & ~31) / 2 + (k & 15), high nibble when k & 16
+                const float v = BITS == 8 ? (float)((const int8_t *)qrow)[k]
+                                          : (float)((qrow[(k & ~31) / 2 + (k & 15)] >> ((k & 16) ? 4 : 0)) & 15);
+                p += v * x[(size_t)m * K + k];
             }
-            r[n * MT + m] = tot + bacc;
+            tot[j & 1] += p * SC(s, j);
+            if (b) bacc += SC(b, j) * xs[(size_t)m * ngroups + j];
         }
+        r[m] = tot[0] + tot[1] + bacc;
     }
-}
-static void rows4(const int BITS, int f32, const char *q, size_t qrow_bytes, const char *s, const char *b, size_t srow,
-                  int K, int g, const float *x, const float *xs, float *r) {
-    tile(BITS, f32, q, qrow_bytes, s, b, srow, K, g, x, xs, K / g, 4, 1, r);
 }
 #endif
 
 // ---- row ranges -----------------------------------------------------------------------------------------
-// Rows [n_begin, n_end) of y = x @ W^T for one (BITS, group size): every argument a register, not a field of
-// an OpenMP closure (GCC reloads those inside the loops: 1.5x slower).
+// Rows [n_begin, n_end) of y = x @ W^T for one (BITS, group size).
 struct job {
     int f32, M, K, G, g;
     const float *x, *xs;
@@ -264,46 +212,41 @@ struct job {
     float *y;
 };
 
+#define TILE(B, GC, MTC) tile(B, GC, f32, qn, sn, bn, K, g, xm, xsm, G, MTC, r)
 #define RANGE_FN(NAME, BITS, GC)                                                                                   \
-static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                     \
+static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                      \
     const struct job *jb = (const struct job *)ctx;                                                             \
     const int f32 = jb->f32, M = jb->M, K = jb->K, G = jb->G, g = jb->g;                                        \
     const size_t row_bytes = jb->row_bytes, srow = jb->srow;                                                    \
     const int64_t N = jb->N;                                                                                    \
-    float r[NR * MT];                                                                                           \
-    (void)g;                                                                                                    \
-    for (int m0 = 0; m0 < M;) {                                                                                 \
-        /* tile shape: 4 weight rows x 1 (plain decoding) or 1 weight row x up to 4 (verification) */           \
-        const int rem = M - m0, tr = rem == 1 ? NR : 1, tm = rem < MT ? rem : MT;                               \
-        const float *xm = jb->x + (size_t)m0 * K, *xsm = jb->xs ? jb->xs + (size_t)m0 * G : NULL;               \
-        for (int64_t row = n_begin; row < n_end;) {                                                             \
-            const int nrt = n_end - row >= tr ? tr : 1; /* the range's tail one row at a time */                \
-            const char *qn = jb->q + (size_t)row * row_bytes, *sn = jb->s + (size_t)row * srow;                 \
-            const char *bn = jb->b ? jb->b + (size_t)row * srow : NULL;                                         \
-            if (nrt == 4) rows4(BITS, f32, qn, row_bytes, sn, bn, srow, K, GC, xm, xsm, r);                     \
-            else switch (tm) {                                                                                  \
-                case 4: tile(BITS, f32, qn, row_bytes, sn, bn, srow, K, GC, xm, xsm, G, 1, 4, r); break;       \
-                case 3: tile(BITS, f32, qn, row_bytes, sn, bn, srow, K, GC, xm, xsm, G, 1, 3, r); break;       \
-                case 2: tile(BITS, f32, qn, row_bytes, sn, bn, srow, K, GC, xm, xsm, G, 1, 2, r); break;       \
-                default: tile(BITS, f32, qn, row_bytes, sn, bn, srow, K, GC, xm, xsm, G, 1, 1, r); break;      \
+    float r[MT];                                                                                                \
+    for (int64_t row = n_begin; row < n_end; row++) {                                                           \
+        const char *qn = jb->q + (size_t)row * row_bytes, *sn = jb->s + (size_t)row * srow;                     \
+        const char *bn = jb->b ? jb->b + (size_t)row * srow : NULL;                                             \
+        for (int m0 = 0; m0 < M; m0 += MT) {                                                                    \
+            const int tm = M - m0 < MT ? M - m0 : MT;                                                           \
+            const float *xm = jb->x + (size_t)m0 * K, *xsm = jb->xs ? jb->xs + (size_t)m0 * G : NULL;           \
+            switch (tm) {                                                                                       \
+                case 4: TILE(BITS, GC, 4); break;                                                               \
+                case 3: TILE(BITS, GC, 3); break;                                                               \
+                case 2: TILE(BITS, GC, 2); break;                                                               \
+                default: TILE(BITS, GC, 1); break;                                                              \
             }                                                                                                   \
-            for (int i = 0; i < nrt; i++)                                                                       \
-                for (int mm = 0; mm < tm; mm++) jb->y[(size_t)(m0 + mm) * N + row + i] = r[i * MT + mm];        \
-            row += nrt;                                                                                         \
+            for (int mm = 0; mm < tm; mm++) jb->y[(size_t)(m0 + mm) * N + row] = r[mm];                         \
         }                                                                                                       \
-        m0 += tm;                                                                                               \
     }                                                                                                           \
 }
 RANGE_FN(range_i8_g32, 8, 32)
 RANGE_FN(range_i8_g16, 8, 16)
-RANGE_FN(range_i8_any, 8, g)
+RANGE_FN(range_i8_any, 8, 0)
 RANGE_FN(range_i4_g32, 4, 32)
 RANGE_FN(range_i4_g16, 4, 16)
-RANGE_FN(range_i4_any, 4, g)
+RANGE_FN(range_i4_any, 4, 0)
 #undef RANGE_FN
+#undef TILE
 
 // ---- exported ---------------------------------------------------------------------------------------
-// y[M, N] = x[M, K] @ dequant(W)^T, the rows of W split over threads in blocks of NR.
+// y[M, N] = x[M, K] @ dequant(W)^T, the rows of W split over threads.
 void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
                 int g, int64_t N, float *y, int nthreads) {
     const int G = K / g;
@@ -320,7 +263,7 @@ void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, 
                            bits == 8 ? (size_t)K : (size_t)K / 2, (size_t)G * (f32 ? 4 : 2), N, y};
     const row_range_fn fn = bits == 8 ? (g == 32 ? range_i8_g32 : g == 16 ? range_i8_g16 : range_i8_any)
                                       : (g == 32 ? range_i4_g32 : g == 16 ? range_i4_g16 : range_i4_any);
-    split_rows(fn, &jb, N, NR, N * K * M, nthreads);
+    split_rows(fn, &jb, N, 4, N * K * M, nthreads);
     free(xs);
 }
 
@@ -349,6 +292,7 @@ static inline __attribute__((always_inline)) void tile_float(const int WB, const
     for (int m = 0; m < mt; m++) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }
     int k = 0;
     for (; k + 16 <= K; k += 16) {
+        if (k % 64 == 0) _mm_prefetch((const char *)w + (size_t)(2 * K + k) * (WB / 8), _MM_HINT_T0);  // 2 rows ahead
         const __m256 w0 = wload8(WB, w, k), w1 = wload8(WB, w, k + 8);
         for (int m = 0; m < mt; m++) {
             a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)m * K + k), a0[m]);
