@@ -95,18 +95,26 @@ class KVCache:
             return AttentionView(kbuf[:, :end], vbuf[:, :end], step.full_mask())
         if step.n_new <= self.ring_size - window or self.ring_size == self.capacity:
             # Writing first is safe: the overwritten slots are older than every query's window.
-            slots, _ = step.ring_slots()
-            kbuf[:, slots] = k[:, -len(slots) :]
-            vbuf[:, slots] = v[:, -len(slots) :]
+            self._write_ring(kbuf, vbuf, k, v, step)
             return AttentionView(kbuf, vbuf, step.ring_mask(window))
         # Long forward (prefill): attend to the old ring plus the new tokens, then keep the newest.
         keys = torch.cat([kbuf, k], dim=1)
         values = torch.cat([vbuf, v], dim=1)
         view = AttentionView(keys, values, step.concat_mask(window))
-        slots, _ = step.ring_slots()
-        kbuf[:, slots] = k[:, -len(slots) :]
-        vbuf[:, slots] = v[:, -len(slots) :]
+        self._write_ring(kbuf, vbuf, k, v, step)
         return view
+
+    @staticmethod
+    def _write_ring(kbuf, vbuf, k, v, step) -> None:
+        slots, _ = step.ring_slots()
+        n = len(slots)
+        first = step.first_slot()
+        if first is not None:  # the usual case (no wrap-around): a plain slice copy, no index_put
+            kbuf[:, first : first + n] = k[:, -n:]
+            vbuf[:, first : first + n] = v[:, -n:]
+        else:
+            kbuf[:, slots] = k[:, -n:]
+            vbuf[:, slots] = v[:, -n:]
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cached keys, values and the position of each slot (read-only use, e.g. by the MTP drafter)."""
@@ -145,6 +153,13 @@ class _Step:
             pos = self.positions[-size:]
             self._slots = (pos % size, pos)
         return self._slots
+
+    def first_slot(self) -> int | None:
+        """The ring slot of this forward's first kept position when its slots are consecutive (no wrap), else None."""
+        size = self.cache.ring_size
+        n = min(self.n_new, size)
+        first = (self.start + self.n_new - n) % size
+        return first if first + n <= size else None
 
     def full_mask(self):
         if "full" not in self._masks:
