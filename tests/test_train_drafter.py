@@ -56,3 +56,30 @@ def test_corpus_is_reproducible_with_a_held_out_split():
     splits = {d.split for d in a}
     assert splits == {"train", "eval"}
     assert len({d.id for d in a}) == len(a)
+
+
+def test_self_generated_continuations_are_the_targets_greedy_output(tiny_gemma3_realtok_dir, tmp_path):
+    from gemmaspec.train.corpus import interleave
+
+    out = tmp_path / "drafter"
+    assert _train(tiny_gemma3_realtok_dir, out, "--self-generated", "2") == 0
+    work = out / "work"
+    records = {split: [json.loads(line) for line in (work / f"selfgen-{split}.jsonl").read_text().splitlines()]
+               for split in ("train", "eval")}
+    assert len(records["train"]) == 2 and len(records["eval"]) == 1  # N, and N / 8 (at least 1) held out
+    docs = {d.id: d for d in interleave(build_corpus())[:60]}
+    target = load_model(str(tiny_gemma3_realtok_dir), dtype="float32", device="cpu")
+    plain = Engine(target, make_drafter("none", target), 0)
+    plain.eos_ids = set()
+    for split, recs in records.items():
+        for r in recs:
+            assert docs[r["source"]].split == split  # a continuation keeps its source's split
+            new = 96
+            prompt = r["ids"][:-new]
+            assert plain.generate(prompt, max_new_tokens=new).token_ids == r["ids"][-new:]
+    assert list((work / "teacher" / "train").glob("selfgen*.pt")) and list((work / "teacher" / "eval").glob("selfgen*.pt"))
+    held_out = json.loads((out / "training.json").read_text())["held_out"]["by_kind"]
+    assert any(kind.startswith("own-") for kind in held_out)
+    before = (work / "selfgen-train.jsonl").read_text()
+    assert _train(tiny_gemma3_realtok_dir, out, "--self-generated", "2", "--resume") == 0
+    assert (work / "selfgen-train.jsonl").read_text() == before  # resumed: nothing generated again
