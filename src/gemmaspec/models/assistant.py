@@ -39,7 +39,8 @@ from ..cache import AttentionView, KVCache
 from ..errors import ModelFileError
 from .gemma3 import Gemma3Config
 from .gemma4 import _ACTIVATIONS, FULL, SLIDING, Gemma4Config, gemma4_inv_freq
-from .layers import Linear, RMSNorm, TensorGetter, apply_rope, rope_cos_sin
+from .. import kernels
+from .layers import Linear, RMSNorm, TensorGetter, apply_rope, fused_ops, geglu, rope_cos_sin
 
 ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 _TEXT_TYPES = {"gemma4_assistant": "gemma4_text", "gemma4_unified_assistant": "gemma4_unified_text"}
@@ -292,9 +293,16 @@ def cross_attend(q: torch.Tensor, view: AttentionView) -> torch.Tensor:
     Grouped-query heads are folded into the query rows, so the cache tensors are read in place (no K/V expansion)."""
     n_q, N, D = q.shape
     n_kv = view.keys.shape[0]
+    mask = view.mask
+    if mask is not None and mask.shape[0] == 1 and N > 1:
+        mask = mask.expand(N, -1).contiguous()
+    fast = fused_ops(q)
+    if (fast is not None and N <= kernels.MAX_ROWS and q.stride(-1) == 1
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (view.keys, view.values))
+            and (mask is None or (mask.dtype == torch.bool and mask.is_contiguous()))):
+        return fast.attention(q, view.keys, view.values, mask, 1.0)  # a draft step: one query, no copies
     g = n_q // n_kv
     qg = q.reshape(n_kv, g * N, D)
-    mask = view.mask
     if mask is not None and N > 1 and g > 1:
         mask = mask.repeat(g, 1)
     # 4-D inputs reach PyTorch's fused CPU kernel (3-D ones fall back to the unfused math path).
@@ -355,9 +363,9 @@ class AssistantBlock(nn.Module):
         attn = self.o_proj(cross_attend(q, view))
         if self.o_bias is not None:
             attn = attn + self.o_bias
-        x = x + self.post_attention_layernorm(attn)
-        gate, up = self.gate_up_proj(self.pre_feedforward_layernorm(x)).chunk(2, dim=-1)
-        x = x + self.post_feedforward_layernorm(self.down_proj(self.act(gate) * up))
+        x = self.post_attention_layernorm(attn, residual=x)
+        h = geglu(self.gate_up_proj(self.pre_feedforward_layernorm(x)), self.act)
+        x = self.post_feedforward_layernorm(self.down_proj(h), residual=x)
         return x * self.layer_scalar
 
 

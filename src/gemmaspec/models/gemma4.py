@@ -33,6 +33,8 @@ from .layers import (
     apply_rope,
     attend,
     embed_scale,
+    geglu,
+    gelu_tanh,
     lm_logits,
     rms_norm,
     rope_cos_sin,
@@ -47,9 +49,9 @@ _DEFAULT_ROPE = {
 }
 
 _ACTIVATIONS = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
     "gelu": F.gelu,
     "silu": F.silu,
     "swish": F.silu,
@@ -300,8 +302,7 @@ class Gemma4Block(nn.Module):
             attn = attn + self.o_bias
         x = x + self.post_attention_layernorm(attn)
 
-        gate, up = self.gate_up_proj(self.pre_feedforward_layernorm(x)).chunk(2, dim=-1)
-        h = self.down_proj(self.act(gate) * up)
+        h = self.down_proj(geglu(self.gate_up_proj(self.pre_feedforward_layernorm(x)), self.act))
         if self.moe:
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(self._moe(x))
         x = x + self.post_feedforward_layernorm(h)

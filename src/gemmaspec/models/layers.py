@@ -120,13 +120,13 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def geglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(gate) * up for rows [T, 2I] = [gate | up]."""
-    fast = fused_ops(gate_up)
+def geglu(gate_up: torch.Tensor, act=gelu_tanh) -> torch.Tensor:
+    """act(gate) * up for rows [T, 2I] = [gate | up] (one fused kernel for Gemma's gelu_tanh)."""
+    fast = fused_ops(gate_up) if act is gelu_tanh else None
     if fast is not None and gate_up.dim() == 2 and gate_up.is_contiguous():
         return fast.gelu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
-    return gelu_tanh(gate) * up
+    return act(gate) * up
 
 
 def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:

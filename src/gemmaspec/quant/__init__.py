@@ -82,7 +82,9 @@ def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None
             return quantize(w, bits, dtype=dtype)
         fits = lambda k: k % GROUP == 0  # noqa: E731
     with torch.no_grad():
-        for name in ("embed_tokens", "embed_tokens_per_layer"):
+        # tables: embeddings (tied to a Linear LM head or not), and a head held as a bare table (the MTP assistant's
+        # trimmed-vocabulary head, read in full at every draft step)
+        for name in ("embed_tokens", "embed_tokens_per_layer", "lm_head"):
             table = model._parameters.get(name)
             if table is None or table.dim() != 2 or not fits(table.shape[1]):
                 continue
