@@ -106,11 +106,10 @@ class MTPDrafter(Drafter):
 
 def match_target_weights(assistant: AssistantModel, target_model: torch.nn.Module,
                          weights: str | None = None) -> str | None:
-    """Hold the assistant's Linear weights in low-bit form when the target's are (`--weights`, a packed GGUF), or bf16 when
-    the target's are:
-    a draft step is memory-bound like a target step, so float drafter weights next to int4 target weights would
-    cost a large share of a target step. The drafter takes the bit width most of the target's matrices have
-    (the default Q4_K_M GGUF unpacks mostly to int8). Returns the format applied, or None (weights stay float)."""
+    """Hold the assistant's weights in the packed format of the target's (`--weights`, a packed GGUF): a draft step
+    is memory-bound like a target step, so float drafter weights next to int4 target weights would cost a large
+    share of a target step. The drafter takes the format most of the target's matrices have (int8 for the
+    default Q4_K_M GGUF, bf16 under --weights bf16). Returns the format applied, or None (weights stay float)."""
     if weights is None:
         counts: dict[str, int] = {}
         for m in target_model.modules():

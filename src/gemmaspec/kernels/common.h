@@ -1,6 +1,5 @@
 // Shared by the gemmaspec kernels: SIMD detection, a horizontal sum, and the split of output rows over threads.
 #pragma once
-#include <stddef.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,18 +17,6 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 #endif
-
-// Software prefetch of part `part` (of `parts`) of the cache lines of [p, p + bytes): spread over a tile's loop,
-// it fetches the weight rows the tile after next will read. Streaming weights from DRAM is otherwise bound by
-// latency on one core (6 GB/s here against 19 GB/s for a plain sum); prefetches never fault past the end.
-static inline void prefetch_part(const char *p, size_t bytes, int part, int parts) {
-#ifdef GS_AVX2
-    const size_t lines = (bytes + 63) / 64, a = lines * part / parts, b = lines * (part + 1) / parts;
-    for (size_t i = a; i < b; i++) _mm_prefetch(p + i * 64, _MM_HINT_T0);
-#else
-    (void)p, (void)bytes, (void)part, (void)parts;
-#endif
-}
 
 // fn(ctx, begin, end) over rows [0, n), split in contiguous ranges (multiples of `align`) over up to nthreads
 // threads; one thread when the call is small (`work` multiply-adds): a thread team costs microseconds. The

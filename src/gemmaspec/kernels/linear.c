@@ -1,12 +1,13 @@
-// gemmaspec matmul kernels for decoding: y[M,N] = x[M,K] @ W[N,K]^T with W held as int8, packed int4 or float32.
+// gemmaspec matmul kernels for decoding: y[M,N] = x[M,K] @ W[N,K]^T with W held as int8, packed int4, bfloat16
+// or float32, x float32.
 //
 // Weights are row-major over N (one output feature per row), in groups of `g` along K; each group has a
 // scale s and an optional bias b (float16, or float32 when f32 != 0):  w = s * q + b.
 //   int8: q is int8 [N, K].
 //   int4: q is uint8 [N, K/2]; each 32-weight chunk is 16 bytes, byte i holding weight i in its low nibble
 //         and weight i + 16 in its high nibble (values 0..15).
-// A row is dequantized into a float buffer in L1 and dotted with every row of x, so the weights are read
-// from memory once per call whatever M is: the speculative-verification shape (M = k + 1 rows).
+// Each weight is read from memory once per call and converted in registers for every row of x, whatever M is:
+// the speculative-verification shape (M = k + 1 rows).
 #include <stdlib.h>
 #include <string.h>
 

@@ -39,8 +39,7 @@ from ..cache import AttentionView, KVCache
 from ..errors import ModelFileError
 from .gemma3 import Gemma3Config
 from .gemma4 import _ACTIVATIONS, FULL, SLIDING, Gemma4Config, gemma4_inv_freq
-from .. import kernels
-from .layers import Linear, RMSNorm, TensorGetter, apply_rope, fused_ops, geglu, rope_cos_sin
+from .layers import Linear, RMSNorm, TensorGetter, apply_rope, fused_attention, geglu, rope_cos_sin
 
 ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 _TEXT_TYPES = {"gemma4_assistant": "gemma4_text", "gemma4_unified_assistant": "gemma4_unified_text"}
@@ -296,11 +295,9 @@ def cross_attend(q: torch.Tensor, view: AttentionView) -> torch.Tensor:
     mask = view.mask
     if mask is not None and mask.shape[0] == 1 and N > 1:
         mask = mask.expand(N, -1).contiguous()
-    fast = fused_ops(q)
-    if (fast is not None and N <= kernels.MAX_ROWS and q.stride(-1) == 1
-            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (view.keys, view.values))
-            and (mask is None or (mask.dtype == torch.bool and mask.is_contiguous()))):
-        return fast.attention(q, view.keys, view.values, mask, 1.0)  # a draft step: one query, no copies
+    out = fused_attention(q, view.keys, view.values, mask, 1.0)  # a draft step: one query, no copies
+    if out is not None:
+        return out
     g = n_q // n_kv
     qg = q.reshape(n_kv, g * N, D)
     if mask is not None and N > 1 and g > 1:

@@ -95,16 +95,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor | None:
+    """Attention of q [Hq, T, D] over keys/values [n_kv, S, D] through the C kernel -> [T, Hq * Dv], or None where
+    it does not apply (mask: boolean [T, S] or None)."""
+    fast = fused_ops(q)
+    T, S = q.shape[1], keys.shape[1]
+    if (fast is not None and T <= kernels.MAX_ROWS and q.stride(-1) == 1
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (keys, values))
+            and (mask is None or (mask.dtype == torch.bool and mask.shape == (T, S) and mask.is_contiguous()))):
+        return fast.attention(q, keys, values, mask, scale)
+    return None
+
+
 def attend(q: torch.Tensor, view: AttentionView, scale: float) -> torch.Tensor:
     """Attention of q [Hq, T, D] over the view's keys/values (grouped-query); returns [T, Hq * Dv]."""
     n_q, n_kv = q.shape[0], view.keys.shape[0]
     mask = view.mask
-    fast = fused_ops(q)
-    if (fast is not None and q.shape[1] <= kernels.MAX_ROWS and q.stride(-1) == 1
-            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (view.keys, view.values))
-            and (mask is None or (mask.dtype == torch.bool and mask.shape == (q.shape[1], view.keys.shape[1])
-                                  and mask.is_contiguous()))):
-        return fast.attention(q, view.keys, view.values, mask, scale)
+    out = fused_attention(q, view.keys, view.values, mask, scale)
+    if out is not None:
+        return out
     out = F.scaled_dot_product_attention(
         q.unsqueeze(0),
         view.keys.unsqueeze(0),

@@ -71,22 +71,16 @@ def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None
     from ..models.layers import Linear
 
     dtype = model.dtype
-    if weights == "bf16":
-        def pack(w):
-            return BF16Weight(w, dtype)
-        fits = lambda k: True  # noqa: E731
-    else:
-        bits = BITS[weights]
+    group = 1 if weights == "bf16" else GROUP  # what in_features must be a multiple of
 
-        def pack(w):
-            return quantize(w, bits, dtype=dtype)
-        fits = lambda k: k % GROUP == 0  # noqa: E731
+    def pack(w):
+        return BF16Weight(w, dtype) if weights == "bf16" else quantize(w, BITS[weights], dtype=dtype)
     with torch.no_grad():
         # tables: embeddings (tied to a Linear LM head or not), and a head held as a bare table (the MTP assistant's
         # trimmed-vocabulary head, read in full at every draft step)
         for name in ("embed_tokens", "embed_tokens_per_layer", "lm_head"):
             table = model._parameters.get(name)
-            if table is None or table.dim() != 2 or not fits(table.shape[1]):
+            if table is None or table.dim() != 2 or table.shape[1] % group:
                 continue
             packed = pack(table.data)
             tied = [m for m in model.modules() if isinstance(m, Linear) and m.weight is table]
@@ -95,7 +89,7 @@ def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None
                 set_linear(linear, packed)
             del table
         for module in list(model.modules()):
-            if isinstance(module, Linear) and module.qweight is None and fits(module.in_features):
+            if isinstance(module, Linear) and module.qweight is None and module.in_features % group == 0:
                 set_linear(module, pack(module.weight.data))
     if notes is not None:
         device = next((t.device for t in model.buffers()), torch.device("cpu"))
