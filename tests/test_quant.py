@@ -32,8 +32,28 @@ def _weight(N=300, K=128, seed=0):
     return w
 
 
+def int16_rounded(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the C kernel sees it (kernels/linear.c): per row and group, xq = round(x * 32767 / max|x|) in int16,
+    times max|x| / 32767 (float32 arithmetic, round half to even like lrintf)."""
+    g = x.float().reshape(x.shape[0], -1, group)
+    mx = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(mx > 0, torch.tensor(32767.0) / mx, torch.zeros_like(mx))
+    return (torch.round(g * inv) * (mx / 32767.0)).reshape(x.shape)
+
+
+def _kernel_path(qw: QuantizedWeight, x: torch.Tensor) -> bool:
+    k = kernels.load()
+    return k is not None and x.shape[0] <= kernels.MAX_ROWS and qw.group <= k.max_group
+
+
 def _reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-    return (x.double() @ qw.dequantize(dtype=torch.float32).double().t()).float()
+    """The exact product (in float64) of the dequantized weights with the activations the matmul path uses:
+    the kernel multiplies s * q by the int16-rounded x and the group bias b by the float group sums of x."""
+    w = qw.dequantize(dtype=torch.float32).double()
+    if not _kernel_path(qw, x):
+        return (x.double() @ w.t()).float()
+    bias = torch.zeros_like(w) if qw.bias is None else qw.bias.double().repeat_interleave(qw.group, 1)
+    return (int16_rounded(x, qw.group).double() @ (w - bias).t() + x.double() @ bias.t()).float()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -47,6 +67,13 @@ def test_matmul_equals_dequantized_reference(backend, bits, M, group):
     ref = _reference(qw, x)
     assert y.shape == (M, w.shape[0]) and y.dtype == torch.float32
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()  # float32 rounding only
+    # the int16 rounding of the activations (kernel path) moves y by at most half a step of each group's grid
+    # (it multiplies s * q, not the group bias: int4's b = -8 s-ish makes |s * q| up to twice |w|)
+    step = x.view(M, -1, group).abs().amax(-1) / 32767
+    sq = qw.dequantize() - (0 if qw.bias is None else qw.bias.float().repeat_interleave(group, 1))
+    bound = (0.5 * sq.abs().view(w.shape[0], -1, group).sum(-1).double() @ step.double().t()).t()
+    exact = (x.double() @ qw.dequantize().double().t())
+    assert ((y.double() - exact).abs() <= bound + 1e-5 * exact.abs().max()).all()
     # and the format's own error against the float weights: rounding to the group's grid
     groups = w.view(w.shape[0], -1, group)
     err = (qw.dequantize() - w).view_as(groups).abs()

@@ -1,6 +1,7 @@
 """Our CPU kernels for decoding, in C: the matmuls of every weight format and a few fused small ops.
 
-`linear.c`: y = x @ W^T with W in int8, packed int4, bfloat16 or float32, float32 activations. PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
+`linear.c`: y = x @ W^T with W in int8, packed int4, bfloat16 or float32, float32 activations (quantized to
+int16 per group inside the int8/int4 matmuls: integer multiply-adds, 1.5-1.7x faster than widening the weights). PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
 bfloat16 activations on CPUs without AVX512 and are slow with float32 ones (see scripts/bench_weights.py
 --kernels), and none handles int8 with per-group scales. This small C kernel reads each weight once per call
 whatever the number of rows M of x (the speculative-verification shape), converts it in registers and
@@ -59,6 +60,7 @@ class Kernels:
         lib.gsq_dequant.argtypes = [I, I, P, P, P, I, I, P, I64, I64, P, I]
         lib.gsq_dequant.restype = None
         lib.gsq_has_avx2.restype = I
+        lib.gsq_max_group.restype = I
         F = ctypes.c_float
         lib.gsq_linear_f32.argtypes = [P, I, I, P, I64, P, I]
         lib.gsq_linear_bf16.argtypes = [P, I, I, P, I64, P, I]
@@ -71,9 +73,11 @@ class Kernels:
             fn.restype = None
         self.lib, self.path = lib, path
         self.simd = "avx2" if lib.gsq_has_avx2() else "portable C"
+        self.max_group = lib.gsq_max_group()  # larger groups could overflow the int32 dot products
 
     def linear(self, w, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 contiguous -> [M, N] float32, for a QuantizedWeight `w` on the CPU."""
+        """x [M, K] float32 contiguous -> [M, N] float32, for a QuantizedWeight `w` on the CPU (group at most
+        `max_group`). x is quantized to int16 per row and group inside (linear.c)."""
         M, K = x.shape
         bits, f32, q, scales, bias, group, N = w.kernel_args()
         y = torch.empty(M, N, dtype=torch.float32)

@@ -121,7 +121,7 @@ class QuantizedWeight(nn.Module):
         if (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.q.is_cpu
                 and not (x.requires_grad and torch.is_grad_enabled())):
             k = kernels.load()  # the decode / verification fast path: no reshapes, no casts
-            if k is not None:
+            if k is not None and self.group <= k.max_group:
                 return k.linear(self, x.contiguous())
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
@@ -134,7 +134,7 @@ class QuantizedWeight(nn.Module):
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float().contiguous()
         k = kernels.load()
-        if k is not None and xf.shape[0] <= kernels.MAX_ROWS:
+        if k is not None and xf.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group:
             return k.linear(self, xf)
         # Large M (prefill): dequantize blocks of rows and use the float32 GEMM, which is compute-bound there.
         y = torch.empty(xf.shape[0], self.out_features, dtype=torch.float32)
