@@ -10,6 +10,8 @@ from gemmaspec.drafters import make_drafter
 from gemmaspec.engine import Engine
 from gemmaspec.loading import load_model
 from gemmaspec.train.corpus import build_corpus
+from gemmaspec.train.openers import GENRES, opener_pool
+from gemmaspec.train.openers import openers as generated_openers
 
 
 def _train(model_dir, out, *extra):
@@ -58,11 +60,19 @@ def test_corpus_is_reproducible_with_a_held_out_split():
     assert len({d.id for d in a}) == len(a)
 
 
+def test_openers_are_reproducible_and_cover_every_genre():
+    a, b = generated_openers(200), generated_openers(200)
+    assert [d.text for d in a] == [d.text for d in b] and len({d.text for d in a}) > 150
+    assert {d.kind for d in a} == {"opener-" + g for g in GENRES}
+    assert {d.split for d in a} == {"train", "eval"}
+    assert all(d.text.strip() for d in a)
+
+
 def test_self_generated_continuations_are_the_targets_greedy_output(tiny_gemma3_realtok_dir, tmp_path):
     from gemmaspec.train.corpus import interleave
 
     out = tmp_path / "drafter"
-    assert _train(tiny_gemma3_realtok_dir, out, "--self-generated", "2") == 0
+    assert _train(tiny_gemma3_realtok_dir, out, "--self-generated", "2", "--openers", "2") == 0
     work = out / "work"
     records = {split: [json.loads(line) for line in (work / f"selfgen-{split}.jsonl").read_text().splitlines()]
                for split in ("train", "eval")}
@@ -80,6 +90,16 @@ def test_self_generated_continuations_are_the_targets_greedy_output(tiny_gemma3_
     assert list((work / "teacher" / "train").glob("selfgen*.pt")) and list((work / "teacher" / "eval").glob("selfgen*.pt"))
     held_out = json.loads((out / "training.json").read_text())["held_out"]["by_kind"]
     assert any(kind.startswith("own-") for kind in held_out)
-    before = (work / "selfgen-train.jsonl").read_text()
-    assert _train(tiny_gemma3_realtok_dir, out, "--self-generated", "2", "--resume") == 0
-    assert (work / "selfgen-train.jsonl").read_text() == before  # resumed: nothing generated again
+    # openers: the whole generated opener is the prompt, 128 new tokens
+    openers = {d.id: d for d in opener_pool(2)}
+    for split in ("train", "eval"):
+        recs = [json.loads(line) for line in (work / f"opener-{split}.jsonl").read_text().splitlines()]
+        assert len(recs) == {"train": 2, "eval": 1}[split]
+        for r in recs:
+            src = openers[r["source"]]
+            assert src.split == split and r["ids"][:-128] == target.tokenizer.encode(src.text)
+            assert plain.generate(r["ids"][:-128], max_new_tokens=128).token_ids == r["ids"][-128:]
+    assert list((work / "teacher" / "train").glob("opener*.pt"))
+    before = [(work / f"{name}-train.jsonl").read_text() for name in ("selfgen", "opener")]
+    assert _train(tiny_gemma3_realtok_dir, out, "--self-generated", "2", "--openers", "2", "--resume") == 0
+    assert [(work / f"{name}-train.jsonl").read_text() for name in ("selfgen", "opener")] == before  # resumed

@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-generated", type=int, default=0,
                    help="also distill on N of the target's own greedy continuations of corpus pieces (N/8 held out)")
+    p.add_argument("--openers", type=int, default=0,
+                   help="also distill on the target's continuations of N generated openers of many kinds of text "
+                        "(code in 12 languages, JSON, e-mail/news/stories, maths, translation; N/8 held out)")
     p.add_argument("--max-documents", type=int, default=0, help="use only the first N corpus documents (quick runs)")
     p.set_defaults(func=cmd_train_drafter)
 
@@ -89,7 +92,7 @@ def cmd_train_drafter(args) -> int:
     with tqdm(total=total, desc="teacher forcing", unit="seq", file=sys.stderr) as bar:
         build_shards(target.model, target.tokenizer, docs, work, "eval", args.seq_len, args.eval_sequences, vocabs["labels"], bar)
         build_shards(target.model, target.tokenizer, docs, work, "train", args.seq_len, args.sequences, vocabs["labels"], bar)
-    if args.self_generated:
+    if args.self_generated or args.openers:
         _self_generated_shards(args, target, docs, work, vocabs["labels"])
 
     from .loop import train_drafter
@@ -99,25 +102,36 @@ def cmd_train_drafter(args) -> int:
 
 
 def _self_generated_shards(args, target, docs, work: Path, label_vocab) -> None:
-    """The target's own continuations (train/selfgen.py), generated with the packed weights and prompt lookup
-    (fast, and greedy output is exact), then teacher-forced like the corpus."""
+    """The target's own continuations (train/selfgen.py) of corpus pieces and of generated openers
+    (train/openers.py), generated with the packed weights and prompt lookup (fast, and greedy output is exact),
+    then teacher-forced like the corpus."""
     from tqdm import tqdm
 
     from ..drafters.ngram import NgramDrafter
     from ..engine import Engine
     from ..loading import load_model
+    from .openers import opener_pool
     from .selfgen import self_generated
     from .teacher import build_shards
 
-    counts = {"train": args.self_generated, "eval": max(1, args.self_generated // 8)}
+    series = []  # (name, source documents, whole document as prompt, new tokens, count per split)
+    if args.self_generated:
+        series.append(("selfgen", docs, False, 96, {"train": args.self_generated, "eval": max(1, args.self_generated // 8)}))
+    if args.openers:
+        series.append(("opener", opener_pool(args.openers, args.seed), True, 128,
+                       {"train": args.openers, "eval": max(1, args.openers // 8)}))
     engine = Engine(load_model(args.model, dtype="float32", device="cpu", weights="auto"), NgramDrafter(), "auto")
     engine.eos_ids = set()  # keep every continuation the same length
-    generated = []
-    with tqdm(total=sum(counts.values()), desc="own continuations", unit="seq", file=sys.stderr) as bar:
-        for split, count in counts.items():
-            generated += self_generated(engine, docs, work, split, count, seed=args.seed, progress=bar)
+    generated = {}
+    for name, sources, whole, new_tokens, counts in series:
+        generated[name] = []
+        with tqdm(total=sum(counts.values()), desc=f"own continuations ({name})", unit="seq", file=sys.stderr) as bar:
+            for split, count in counts.items():
+                generated[name] += self_generated(engine, sources, work, split, count, new_tokens=new_tokens,
+                                                  seed=args.seed, progress=bar, name=name, whole=whole)
     del engine
-    with tqdm(total=sum(counts.values()), desc="teacher forcing (own)", unit="seq", file=sys.stderr) as bar:
-        for split, count in counts.items():
-            build_shards(target.model, target.tokenizer, generated, work, split, args.seq_len, count, label_vocab, bar,
-                         prefix="selfgen")
+    for name, _, _, _, counts in series:
+        with tqdm(total=sum(counts.values()), desc=f"teacher forcing (own, {name})", unit="seq", file=sys.stderr) as bar:
+            for split, count in counts.items():
+                build_shards(target.model, target.tokenizer, generated[name], work, split, args.seq_len, count,
+                             label_vocab, bar, prefix=name)

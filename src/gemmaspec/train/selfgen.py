@@ -28,9 +28,10 @@ def prompt_piece(ids: list[int], rng: random.Random, bos: int | None, min_len: i
 
 
 def self_generated(engine, docs: list[Document], out_dir: Path, split: str, count: int, new_tokens: int = 96,
-                   seed: int = 0, progress=None) -> list[Document]:
-    """`count` continuations of pieces of `split` documents (generated now or read back from an earlier run)."""
-    path = Path(out_dir) / f"selfgen-{split}.jsonl"
+                   seed: int = 0, progress=None, name: str = "selfgen", whole: bool = False) -> list[Document]:
+    """`count` continuations of pieces of `split` documents (generated now or read back from an earlier run).
+    `whole`: the prompt is the whole document (openers, train/openers.py), not a random window of it."""
+    path = Path(out_dir) / f"{name}-{split}.jsonl"
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     sources = [d for d in docs if d.split == split and d.token_ids is None]
     rng = random.Random(f"{seed}/{split}")
@@ -42,7 +43,8 @@ def self_generated(engine, docs: list[Document], out_dir: Path, split: str, coun
         for n in range(len(done), min(count, len(order))):
             src = sources[order[n]]
             piece_rng = random.Random(f"{seed}/{src.id}")
-            prompt = prompt_piece(tok.encode(src.text), piece_rng, tok.bos_id)
+            ids = tok.encode(src.text)
+            prompt = ids if whole else prompt_piece(ids, piece_rng, tok.bos_id)
             result = engine.generate(prompt, max_new_tokens=new_tokens)
             record = {"source": src.id, "kind": src.kind, "ids": prompt + list(result.token_ids)}
             f.write(json.dumps(record) + "\n")
@@ -50,5 +52,5 @@ def self_generated(engine, docs: list[Document], out_dir: Path, split: str, coun
             done.append(record)
             if progress is not None:
                 progress.update(1)
-    return [Document("selfgen/" + r["source"], "own-" + r["kind"], "", token_ids=tuple(r["ids"]), split_of=r["source"])
+    return [Document(f"{name}/" + r["source"], "own-" + r["kind"], "", token_ids=tuple(r["ids"]), split_of=r["source"])
             for r in done[:count]]
