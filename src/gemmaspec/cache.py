@@ -104,6 +104,18 @@ class KVCache:
         self._write_ring(kbuf, vbuf, k, v, step)
         return view
 
+    def block_target(self, layer: int):
+        """For a kernel that writes this forward's K/V itself (kernels/block.c): (keys, values, slots int64 [T],
+        S, mask [T, S] or None) with the same slots and mask as `update`; None where the forward is too long for
+        it (a prefill longer than the ring's spare slots)."""
+        step = self._step
+        window = self.specs[layer].window
+        if window is None:
+            return self.keys[layer], self.values[layer], step.positions, step.start + step.n_new, step.full_mask()
+        if step.n_new > self.ring_size or not (step.n_new <= self.ring_size - window or self.ring_size == self.capacity):
+            return None
+        return self.keys[layer], self.values[layer], step.ring_slots()[0], self.ring_size, step.ring_mask(window)
+
     @staticmethod
     def _write_ring(kbuf, vbuf, k, v, step) -> None:
         slots, _ = step.ring_slots()

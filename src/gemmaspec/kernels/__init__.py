@@ -14,6 +14,9 @@ close to the memory bandwidth.
 `ops.c`: RMSNorm (+ residual), q/k norm + RoPE in place, attention of a few queries over the (ring) cache, GeGLU.
 A decode step of a 270M model otherwise spends more time in PyTorch's per-op overhead than in its matmuls.
 
+`block.c`: a whole Gemma 3 decoder block in one call (the kernels above in the Python path's order), since even
+one Python call per op cost ~4 ms of a ~20 ms step.
+
 All kernels compute each row (token) independently of how many rows a call has, so speculative verification
 of k + 1 tokens gives bit for bit what plain decoding gives.
 """
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("linear.c", "ops.c")  # compiled together into one library
+SOURCES = ("linear.c", "ops.c", "block.c")  # compiled together into one library
 HEADERS = ("common.h",)
 
 # Calls of up to MAX_ROWS tokens (decode, verification of up to draft_length.MAX_DRAFT_TOKENS + 1) run here;
@@ -47,6 +50,21 @@ _FLAG_SETS = (
 )
 _lock = threading.Lock()
 _state: dict = {}
+
+
+class WeightArgs(ctypes.Structure):
+    """A weight as the matmul kernels take it (struct gs_weight of block.c)."""
+    _fields_ = [("kind", ctypes.c_int), ("f32", ctypes.c_int), ("q", ctypes.c_void_p), ("s", ctypes.c_void_p),
+                ("b", ctypes.c_void_p), ("group", ctypes.c_int), ("N", ctypes.c_int64)]
+
+
+class Gemma3BlockArgs(ctypes.Structure):
+    """struct gs_gemma3_block of block.c."""
+    _fields_ = [("qkv", WeightArgs), ("o", WeightArgs), ("gate_up", WeightArgs), ("down", WeightArgs),
+                *[(name, ctypes.c_void_p) for name in ("input_norm", "post_attn_norm", "pre_ff_norm", "post_ff_norm",
+                                                       "q_norm", "k_norm")],
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                *[(name, ctypes.c_int) for name in ("hidden", "n_q", "n_kv", "head_dim", "inter")]]
 
 
 class Kernels:
@@ -68,6 +86,8 @@ class Kernels:
         lib.gso_qk_norm_rope.argtypes = [P, I, I, I, I, I, P, P, F, P, P, I]
         lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I]
         lib.gso_gelu_mul.argtypes = [P, I, I, P]
+        lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I]
+        lib.gs_gemma3_block.restype = None
         for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention,
                    lib.gso_gelu_mul):
             fn.restype = None
@@ -129,6 +149,32 @@ class Kernels:
         T, I2 = gate_up.shape
         out = torch.empty(T, I2 // 2, dtype=torch.float32)
         self.lib.gso_gelu_mul(gate_up.data_ptr(), T, I2 // 2, out.data_ptr())
+        return out
+
+    def weight_args(self, linear) -> WeightArgs | None:
+        """The kernel's view of a Linear's weight (float32, bfloat16, int8 / int4 on the CPU), or None."""
+        w = linear.qweight if linear.qweight is not None else linear.weight
+        if hasattr(w, "kernel_args"):  # quant.formats.QuantizedWeight
+            bits, f32, q, scales, bias, group, N = w.kernel_args()
+            if not w.q.is_cpu or group > self.max_group:
+                return None
+            return WeightArgs(bits, f32, q, scales, bias, group, N)
+        t = getattr(w, "w", w)  # quant.bf16.BF16Weight holds its bfloat16 tensor as .w; else a float32 tensor
+        wanted = torch.float32 if t is w else torch.bfloat16
+        if not isinstance(t, torch.Tensor) or t.dtype != wanted or not t.is_cpu or t.dim() != 2 or not t.is_contiguous():
+            return None
+        return WeightArgs(0 if t.dtype == torch.float32 else 1, 0, t.data_ptr(), None, None, 0, t.shape[0])
+
+    def gemma3_block(self, args: Gemma3BlockArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, S: int,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        """One Gemma 3 decoder block (block.c) over x [T, hidden] float32 contiguous: the new K/V go to `slots`
+        (int64 [T]) of the cache buffers keys/values [n_kv, capacity, head_dim]; attention reads slots [0, S)
+        under mask (bool [T, S] or None)."""
+        out = torch.empty_like(x)
+        self.lib.gs_gemma3_block(ctypes.addressof(args), x.data_ptr(), out.data_ptr(), x.shape[0], cos.data_ptr(),
+                                 sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], slots.data_ptr(),
+                                 S, _ptr(mask), torch.get_num_threads())
         return out
 
     def dequant(self, w, start: int, count: int, out: torch.Tensor | None = None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import kernels
 from ..cache import CacheLayerSpec, KVCache
 from .layers import (
     Linear,
@@ -112,6 +113,12 @@ class Gemma3Block(nn.Module):
         self.scale = cfg.query_pre_attn_scalar**-0.5
 
     def forward(self, x, layer_idx: int, cache: KVCache, cos, sin):
+        fast = fused_ops(x)
+        if fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous() \
+                and cos.is_contiguous() and cos.shape == (x.shape[0], self.head_dim):
+            args, target = self._block_args(fast), cache.block_target(layer_idx)
+            if args is not None and target is not None and target[0].dtype == torch.float32:
+                return fast.gemma3_block(args, x, cos, sin, *target)  # the path below in one C call
         T = x.shape[0]
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
@@ -130,6 +137,36 @@ class Gemma3Block(nn.Module):
         x = self.post_attention_layernorm(self.o_proj(attn), residual=x)
         h = geglu(self.gate_up_proj(self.pre_feedforward_layernorm(x)))
         return self.post_feedforward_layernorm(self.down_proj(h), residual=x)
+
+
+    def _block_args(self, fast):
+        """The block's weights and norms for kernels/block.c, built once per set of weights (None: a weight
+        format or norm layout the kernel does not take)."""
+        linears = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        norms = (self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                 self.post_feedforward_layernorm, self.q_norm, self.k_norm)
+        # the kernel gets raw pointers: rebuild whenever any tensor moved (a new format, `.data =`, `.to()`)
+        key = tuple(_storage(lin.qweight if lin.qweight is not None else lin.weight) for lin in linears) + tuple(
+            _storage(n.weight) for n in norms)
+        cached = self.__dict__.get("_block_cache")
+        if cached is None or cached[0] != key:
+            weights = [fast.weight_args(lin) for lin in linears]
+            usable = all(w is not None for w in weights) and all(
+                n.weight is not None and n.weight.dtype == torch.float32 and n.weight.is_contiguous()
+                and n.eps == self.input_layernorm.eps for n in norms)
+            args = kernels.Gemma3BlockArgs(
+                *weights, *[n.weight.data_ptr() for n in norms], self.input_layernorm.eps, self.scale,
+                self.o_proj.out_features, self.n_heads, self.n_kv, self.head_dim, self.down_proj.in_features,
+            ) if usable else None
+            cached = self.__dict__["_block_cache"] = (key, args)
+        return cached[1]
+
+
+def _storage(w) -> int | tuple | None:
+    """Where a weight's data lives: a tensor's pointer, a packed weight's kernel arguments."""
+    if w is None:
+        return None
+    return w.kernel_args() if hasattr(w, "kernel_args") else getattr(w, "w", w).data_ptr()
 
 
 class Gemma3Model(nn.Module):
