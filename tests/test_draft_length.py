@@ -2,8 +2,11 @@
 
 import random
 
-from gemmaspec.draft_length import AdaptiveDraftLength, DraftLengthPolicy, VerifyCostModel, make_policy
+from gemmaspec.draft_length import (AdaptiveDraftLength, DraftLengthPolicy, PerSourceDraftLength, VerifyCostModel,
+                                    make_policy)
 from gemmaspec.drafters import Drafter, NgramDrafter
+from gemmaspec.drafters.base import Draft
+from gemmaspec.drafters.hybrid import HybridDrafter
 
 
 def _run(policy, steps, accept_prob, verify_time, draft_time_per_token=0.0, seed=0):
@@ -74,3 +77,47 @@ def test_make_policy():
     assert isinstance(make_policy(NgramDrafter(), "auto", VerifyCostModel()), AdaptiveDraftLength)
     fixed = make_policy(NgramDrafter(), 6)
     assert isinstance(fixed, DraftLengthPolicy) and fixed.choose() == 6
+
+
+class _Source(Drafter):
+    """A synthetic draft source whose proposals are accepted with probability `accept`."""
+
+    def __init__(self, name, accept, max_tokens=8):
+        self.name, self.accept, self.max_tokens = name, accept, max_tokens
+        self.proposed = []
+
+        self.found = max_tokens
+
+    def propose(self, context, k):
+        self.proposed.append(k)
+        return Draft(list(range(min(k, self.found))))
+
+
+def test_per_source_lengths_let_a_good_source_draft_long_while_the_other_is_weak():
+    """Prompt lookup copying perfectly next to an MTP drafter that is always wrong: under one shared record the
+    failures of MTP would shorten (and stop) the lookup's drafts; per source, lookup drafts its full match."""
+    lookup, mtp = _Source("ngram", 1.0), _Source("mtp", 0.0)
+    hybrid = HybridDrafter(mtp, lookup)
+    policy = make_policy(hybrid, "auto", VerifyCostModel())
+    assert isinstance(policy, PerSourceDraftLength) and hybrid.lengths is policy
+    rng = random.Random(0)
+    used = []
+    for step in range(300):
+        lookup.found = 8 if step % 2 else 0  # a match every other step
+        k = policy.choose()
+        draft = hybrid.propose(None, k) if k else Draft([])
+        source = hybrid.last[0] if draft.tokens else None
+        prob = {"ngram": 1.0, "mtp": 0.0}.get(source, 0.0)
+        accepted = 0
+        while accepted < len(draft.tokens) and rng.random() < prob:
+            accepted += 1
+        if draft.tokens:
+            hybrid.observe(accepted)
+        policy.update(len(draft.tokens), accepted, 0.0002 * len(draft.tokens) if source == "mtp" else 0.0,
+                      0.010 + 0.001 * (len(draft.tokens) + 1))
+        used.append((source, len(draft.tokens)))
+    tail = used[-100:]
+    assert sum(1 for s, n in tail if s == "ngram" and n == 8) >= 45  # every match drafted in full
+    assert sum(1 for s, n in tail if s == "mtp") <= 10  # MTP only probes now and then
+    # a fixed length goes back to the running-estimate rule
+    assert not isinstance(make_policy(hybrid, 4, VerifyCostModel()), PerSourceDraftLength) and hybrid.lengths is None

@@ -99,19 +99,27 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             return None
         return verify + (k * self.draft_per_token if k and self.draft_per_token else 0.0)
 
-    def choose(self) -> int:
-        self.probing = False
-        if not self.costs.seconds:  # nothing measured yet: start with a modest draft
-            return min(2, self.max_tokens)
-        if 1 not in self.costs.seconds:  # measure plain decoding once: the baseline every draft must beat
-            return 0
+    def best(self, limit: int | None = None) -> tuple[int, float]:
+        """The k <= limit (default max_tokens) with the most expected tokens per second, and that rate
+        (0.0 while no cost is known)."""
+        limit = self.max_tokens if limit is None else min(limit, self.max_tokens)
         best_k, best_rate = 0, 0.0
-        for k in range(self.max_tokens + 1):
+        for k in range(limit + 1):
             cost = self.step_cost(k)
             rate = self.expected_tokens(k) / cost if cost and cost > 0 else 0.0
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
-        if best_k == 0 and self.max_tokens:
+        return best_k, best_rate
+
+    def choose(self, limit: int | None = None) -> int:
+        self.probing = False
+        limit = self.max_tokens if limit is None else min(limit, self.max_tokens)
+        if not self.costs.seconds:  # nothing measured yet: start with a modest draft
+            return min(2, limit)
+        if 1 not in self.costs.seconds:  # measure plain decoding once: the baseline every draft must beat
+            return 0
+        best_k, _ = self.best(limit)
+        if best_k == 0 and limit:
             self.zero_streak += 1
             if self.zero_streak >= self.probe_every:
                 self.zero_streak = 0
@@ -139,6 +147,32 @@ class AdaptiveDraftLength(DraftLengthPolicy):
             self.probe_every = 4 if accepted else min(self.probe_every * 2, 64)
 
 
+class PerSourceDraftLength(DraftLengthPolicy):
+    """`auto` for a drafter that drafts from several sources (drafters/hybrid.py: prompt lookup or the MTP
+    assistant): one adaptive length per source, all sharing the verify cost model. A source that copies well
+    must not be held to the short drafts that a weak one earns, nor pay for its drafting cost. The engine sees
+    only the upper bound; the drafter picks the source with the best expected rate and asks for its length."""
+
+    def __init__(self, sources: list[str], max_tokens: int, costs: VerifyCostModel):
+        self.max_tokens = max_tokens
+        self.by_source = {name: AdaptiveDraftLength(max_tokens, costs) for name in sources}
+        self.current = sources[0]
+
+    def choose(self) -> int:
+        return self.max_tokens
+
+    def rate(self, source: str, limit: int) -> float:
+        """Expected new tokens per second of drafting from `source` (at most `limit` tokens); 0.0 if unknown."""
+        return self.by_source[source].best(limit)[1]
+
+    def choose_for(self, source: str, limit: int) -> int:
+        self.current = source
+        return self.by_source[source].choose(limit)
+
+    def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        self.by_source[self.current].update(drafted, accepted, draft_seconds, verify_seconds)
+
+
 def parse_draft_tokens(value: int | str) -> int | str:
     if value == "auto" or value is None:
         return "auto"
@@ -153,11 +187,18 @@ def parse_draft_tokens(value: int | str) -> int | str:
 
 def make_policy(drafter, draft_tokens: int | str, costs: VerifyCostModel | None = None) -> DraftLengthPolicy:
     value = parse_draft_tokens(draft_tokens)
+    sources = getattr(drafter, "sources", None)  # a drafter with several sources picks per source (see above)
+    if sources:
+        drafter.bind_lengths(None)
     if drafter.max_tokens == 0:
         return DraftLengthPolicy(0)
     if value == "auto":
         max_k = min(AUTO_MAX_TOKENS, drafter.max_tokens)
         if costs is None:
             return DraftLengthPolicy(min(FIXED_AUTO_FALLBACK, max_k))
+        if sources:
+            policy = PerSourceDraftLength(sources, max_k, costs)
+            drafter.bind_lengths(policy)
+            return policy
         return AdaptiveDraftLength(max_k, costs)
     return DraftLengthPolicy(min(value, drafter.max_tokens))
