@@ -3,8 +3,6 @@ losslessly; an interrupted run resumes."""
 
 import json
 
-import pytest
-
 from gemmaspec.cli import main
 from gemmaspec.drafters import make_drafter
 from gemmaspec.engine import Engine
