@@ -138,7 +138,6 @@ class Gemma3Block(nn.Module):
         h = geglu(self.gate_up_proj(self.pre_feedforward_layernorm(x)))
         return self.post_feedforward_layernorm(self.down_proj(h), residual=x)
 
-
     def _block_args(self, fast):
         """The block's weights and norms for kernels/block.c, built once per set of weights (None: a weight
         format or norm layout the kernel does not take)."""
