@@ -121,3 +121,28 @@ def test_per_source_lengths_let_a_good_source_draft_long_while_the_other_is_weak
     assert sum(1 for s, n in tail if s == "mtp") <= 10  # MTP only probes now and then
     # a fixed length goes back to the running-estimate rule
     assert not isinstance(make_policy(hybrid, 4, VerifyCostModel()), PerSourceDraftLength) and hybrid.lengths is None
+
+
+def test_a_source_that_failed_for_a_while_is_not_locked_out():
+    """Both sources fail for a stretch (neither pays: a tie at plain decoding's rate); then MTP becomes good
+    while the lookup still finds (wrong) matches at every step. MTP must keep probing and take over."""
+    lookup, mtp = _Source("ngram", 0.0), _Source("mtp", 0.0)
+    hybrid = HybridDrafter(mtp, lookup)
+    policy = make_policy(hybrid, "auto", VerifyCostModel())
+    rng = random.Random(1)
+    used = []
+    for step in range(500):
+        accept = {"ngram": 0.0, "mtp": 0.0 if step < 150 else 0.95}
+        k = policy.choose()
+        draft = hybrid.propose(None, k) if k else Draft([])
+        source = hybrid.last[0] if draft.tokens else None
+        accepted = 0
+        while accepted < len(draft.tokens) and rng.random() < accept.get(source, 0.0):
+            accepted += 1
+        if draft.tokens:
+            hybrid.observe(accepted)
+        policy.update(len(draft.tokens), accepted, 0.0002 * len(draft.tokens) if source == "mtp" else 0.0,
+                      0.010 + 0.001 * (len(draft.tokens) + 1))
+        used.append((source, len(draft.tokens)))
+    tail = used[-100:]
+    assert sum(1 for s, n in tail if s == "mtp" and n >= 4) >= 80

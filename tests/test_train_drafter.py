@@ -64,6 +64,12 @@ def test_openers_are_reproducible_and_cover_every_genre():
     assert {d.kind for d in a} == {"opener-" + g for g in GENRES}
     assert {d.split for d in a} == {"train", "eval"}
     assert all(d.text.strip() for d in a)
+    # repeated texts share a split (no held-out prompt is ever trained on), and the pool holds each text once
+    splits = {}
+    for d in a:
+        assert splits.setdefault(d.text, d.split) == d.split
+    pool = opener_pool()
+    assert len({d.text for d in pool}) == len(pool) > 5000
 
 
 def test_self_generated_continuations_are_the_targets_greedy_output(tiny_gemma3_realtok_dir, tmp_path):
@@ -89,7 +95,7 @@ def test_self_generated_continuations_are_the_targets_greedy_output(tiny_gemma3_
     held_out = json.loads((out / "training.json").read_text())["held_out"]["by_kind"]
     assert any(kind.startswith("own-") for kind in held_out)
     # openers: the whole generated opener is the prompt, 128 new tokens
-    openers = {d.id: d for d in opener_pool(2)}
+    openers = {d.id: d for d in opener_pool()}
     for split in ("train", "eval"):
         recs = [json.loads(line) for line in (work / f"opener-{split}.jsonl").read_text().splitlines()]
         assert len(recs) == {"train": 2, "eval": 1}[split]

@@ -31,6 +31,7 @@ class HybridDrafter(Drafter):
         self.mtp_accepted = 1.0  # running mean of drafts accepted per MTP round
         self.ngram_rate = 0.6  # running fraction of an n-gram proposal that is accepted
         self.last: tuple[str, int] | None = None
+        self.tie_turn = False
 
     def reset(self, prompt_ids, params, max_len) -> None:
         self.mtp.reset(prompt_ids, params, max_len)
@@ -42,7 +43,7 @@ class HybridDrafter(Drafter):
         mtp_k = min(k, self.mtp.max_tokens)
         if self.lengths is not None:
             found = len(lookup.tokens)
-            if found and self.lengths.rate("ngram", found) >= self.lengths.rate("mtp", mtp_k):
+            if found and self._lookup_first(found, mtp_k):
                 n = self.lengths.choose_for("ngram", found)
                 self.last = ("ngram", n)
                 return Draft(lookup.tokens[:n], None if lookup.probs is None else lookup.probs[:n])
@@ -53,6 +54,16 @@ class HybridDrafter(Drafter):
         draft = self.mtp.propose(context, mtp_k) if mtp_k else Draft([])
         self.last = ("mtp", len(draft.tokens))
         return draft
+
+    def _lookup_first(self, found: int, mtp_k: int) -> bool:
+        """Whether prompt lookup drafts this step: the higher expected rate wins; on a tie (typically neither
+        pays: both rates are plain decoding's) the sources take turns, so each keeps probing and neither is
+        locked out by one bad stretch."""
+        ngram, mtp = self.lengths.rate("ngram", found), self.lengths.rate("mtp", mtp_k)
+        if ngram != mtp:
+            return ngram > mtp
+        self.tie_turn = not self.tie_turn
+        return self.tie_turn
 
     def observe(self, accepted: int) -> None:
         if self.last is None:

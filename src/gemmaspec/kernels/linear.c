@@ -106,7 +106,8 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
 // One weight row at a time keeps the weights a single sequential stream (interleaving several rows halved
 // the DRAM read rate here), and every weight vector is widened once for all rows of x in the tile.
 // BITS, G (group size 16 or 32; 0: read g, a multiple of 32 up to MAX_GROUP) and MT are constants at each call
-// site. int32 sums cannot overflow: at most MAX_GROUP / 16 pairs of 127 * 32767 per lane and group.
+// site. int32 sums cannot overflow: a group adds at most MAX_GROUP products of |q| <= 128 and |xq| <= 32767
+// (2^31 - 65536 in the portable path's single sum; less per AVX2 lane). Do not raise MAX_GROUP.
 #define MT 4
 #define MAX_GROUP 512
 #ifdef GS_AVX2

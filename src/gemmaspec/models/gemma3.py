@@ -162,10 +162,14 @@ class Gemma3Block(nn.Module):
 
 
 def _storage(w) -> int | tuple | None:
-    """Where a weight's data lives: a tensor's pointer, a packed weight's kernel arguments."""
+    """Where a weight's data lives and as what: a tensor's pointer, dtype and shape; a packed weight's kernel
+    arguments."""
     if w is None:
         return None
-    return w.kernel_args() if hasattr(w, "kernel_args") else getattr(w, "w", w).data_ptr()
+    if hasattr(w, "kernel_args"):
+        return w.kernel_args()
+    t = getattr(w, "w", w)
+    return t.data_ptr(), t.dtype, tuple(t.shape)
 
 
 class Gemma3Model(nn.Module):

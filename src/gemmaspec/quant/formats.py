@@ -38,8 +38,8 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if in_features % group or group % 16 or (bits == 4 and in_features % 32):
-            raise ValueError(f"group {group} does not fit K = {in_features} for int{bits}")
+        if in_features % group or (group != 16 and group % 32) or (bits == 4 and in_features % 32):
+            raise ValueError(f"group {group} does not fit K = {in_features} for int{bits} (16 or a multiple of 32)")
         self.bits, self.group, self.in_features = bits, group, in_features
         self.out_features = q.shape[0]
         self.compute_dtype = dtype

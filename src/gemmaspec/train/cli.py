@@ -67,7 +67,8 @@ def cmd_train_drafter(args) -> int:
         previous = json.loads(run_path.read_text())
         if not args.resume:
             raise GemmaspecError(f"{out} holds an earlier run; pass --resume to continue it")
-        changed = [k for k in ("model", "max_documents", "seq_len", "vocab", "hidden_size", "layers", "intermediate_size", "draft_depth")
+        changed = [k for k in ("model", "max_documents", "seq_len", "vocab", "hidden_size", "layers", "intermediate_size", "draft_depth",
+                               "seed")
                    if previous.get(k, settings.get(k)) != settings.get(k)]
         if changed:
             raise GemmaspecError(f"--resume with different {', '.join(changed)} than the run in {out}")
@@ -118,7 +119,7 @@ def _self_generated_shards(args, target, docs, work: Path, label_vocab) -> None:
     if args.self_generated:
         series.append(("selfgen", docs, False, 96, {"train": args.self_generated, "eval": max(1, args.self_generated // 8)}))
     if args.openers:
-        series.append(("opener", opener_pool(args.openers, args.seed), True, 128,
+        series.append(("opener", opener_pool(args.seed), True, 128,
                        {"train": args.openers, "eval": max(1, args.openers // 8)}))
     engine = Engine(load_model(args.model, dtype="float32", device="cpu", weights="auto"), NgramDrafter(), "auto")
     engine.eos_ids = set()  # keep every continuation the same length

@@ -9,6 +9,7 @@ from small word lists and templates below, so the set is reproducible and needs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -169,13 +170,27 @@ GENRES = {"code": code_opener, "json": json_opener, "prose": prose_opener, "tran
 
 
 def openers(n: int, seed: int = 23) -> list[Document]:
-    """n openers, genres in turn (code and JSON twice as often: they are where drafting pays most)."""
+    """n openers, genres in turn (code and JSON twice as often: they are where drafting pays most). The
+    templates repeat now and then: a text's split follows the text itself, so no held-out prompt is trained on."""
     rng = random.Random(seed)
     order = ["code", "json", "prose", "code", "json", "math", "translation", "prose"]
-    return [Document(f"opener/{order[i % len(order)]}/{i}", "opener-" + order[i % len(order)],
-                     GENRES[order[i % len(order)]](rng)) for i in range(n)]
+    docs = []
+    for i in range(n):
+        genre = order[i % len(order)]
+        text = GENRES[genre](rng)
+        docs.append(Document(f"opener/{genre}/{i}", "opener-" + genre, text,
+                             split_of="opener-text/" + hashlib.sha256(text.encode()).hexdigest()))
+    return docs
 
 
-def opener_pool(count: int, seed: int = 0) -> list[Document]:
-    """Enough openers that both splits can supply `count` (train) and count / 8 (held out, 5% of the pool)."""
-    return openers(4 * count + 200, seed=seed + 23)
+POOL_SIZE = 16384  # fixed, so that a resumed run with a larger N draws the same openers first
+
+
+def opener_pool(seed: int = 0) -> list[Document]:
+    """The distinct openers a run draws from (in a fixed order per seed; about 11k, 5% of them held out)."""
+    seen, pool = set(), []
+    for d in openers(POOL_SIZE, seed=seed + 23):
+        if d.text not in seen:
+            seen.add(d.text)
+            pool.append(d)
+    return pool
