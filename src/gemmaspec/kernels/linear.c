@@ -120,58 +120,106 @@ static inline __attribute__((always_inline)) __m256i load16(const int BITS, cons
     return _mm256_cvtepu8_epi16(v);
 }
 
-// d[m] = 8 int32 lanes summing to the dot product of group j (g values from k0) with row m of xq
-static inline __attribute__((always_inline)) void group_dots(const int BITS, const int g, const char *q, int k0,
-                                                             const int16_t *xq, int K, const int mt, __m256i *d) {
+// the g weights of the group from k0 as int16 vectors w[0 .. g/16)
+static inline __attribute__((always_inline)) void widen(const int BITS, const int g, const char *q, int k0, __m256i *w) {
     for (int c = 0; c < g; c += 32) {
         if (g == 16) {
-            const __m256i w = load16(BITS, q, k0);
-            for (int m = 0; m < mt; m++)
-                d[m] = _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * K + k0)));
+            w[0] = load16(BITS, q, k0);
             return;
         }
-        __m256i w0, w1;
         if (BITS == 8) {
-            w0 = load16(8, q, k0 + c);
-            w1 = load16(8, q, k0 + c + 16);
+            w[c / 16] = load16(8, q, k0 + c);
+            w[c / 16 + 1] = load16(8, q, k0 + c + 16);
         } else {  // one 16-byte chunk holds both halves
             const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)q + (k0 + c) / 2)), m4 = _mm_set1_epi8(0x0f);
-            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
-            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-        }
-        for (int m = 0; m < mt; m++) {
-            const int16_t *xm = xq + (size_t)m * K + k0 + c;
-            const __m256i dc = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xm)),
-                                                _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xm + 16))));
-            d[m] = c == 0 ? dc : _mm256_add_epi32(d[m], dc);
+            w[c / 16] = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
+            w[c / 16 + 1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
         }
     }
 }
 
+// 8 int32 lanes summing to the exact dot product of a widened group with g values of xq
+// (VNNI's vpdpwssd fuses pmaddwd and the add: the same exact int32 lanes in one instruction)
+static inline __attribute__((always_inline)) __m256i dot(const int g, const __m256i *w, const int16_t *x) {
+    __m256i d = _mm256_madd_epi16(w[0], _mm256_loadu_si256((const __m256i *)x));
+    for (int c = 16; c < g; c += 16) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + c));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        d = _mm256_dpwssd_epi32(d, w[c / 16], xv);
+#elif defined(__AVXVNNI__)
+        d = _mm256_dpwssd_avx_epi32(d, w[c / 16], xv);
+#else
+        d = _mm256_add_epi32(d, _mm256_madd_epi16(w[c / 16], xv));
+#endif
+    }
+    return d;
+}
+
+// Groups go four at a time: two horizontal adds fold their four 8-lane dots into one vector
+// [d0 d1 d2 d3 | d0' d1' d2' d3'] (each the sum of four lanes of one group's dot, exact in int32), converted and
+// scaled by [c0 c1 c2 c3 | c0 c1 c2 c3] (c_j = s_j * xs_j) in one FMA: per group and row of x, two multiply-adds
+// and under two other operations, where one convert + broadcast + FMA per group cost as much as the dots. The
+// widened weights of two groups are shared by all rows of x in the tile; G = 0 (large groups) widens per row.
+// Leftover groups (ngroups % 4) go one at a time. Fixed order, whatever M is.
 static inline __attribute__((always_inline)) void tile(const int BITS, const int G, int f32, const char *q,
         const char *s, const char *b, int K, int g_runtime, const int16_t *xq, const float *xsc, const float *xs,
         int ngroups, const int mt, float *r) {
     const int g = G ? G : g_runtime;
-    __m256 tot0[MT], tot1[MT];  // totals of even and odd groups: two independent FMA chains
-    __m256i d[MT];
+    enum { WV = 4 };  // widened vectors kept for a pair of groups of 16 or 32
+    __m256 acc[MT];
+    __m256i h01[MT], wv[WV];
     float bacc[MT];
-    for (int m = 0; m < mt; m++) { tot0[m] = tot1[m] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
-    for (int j = 0; j < ngroups; j++) {
-        group_dots(BITS, g, q, j * g, xq, K, mt, d);
-        const float sj = SC(s, j);
-        if (j & 1) {
-            for (int m = 0; m < mt; m++)
-                tot1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_set1_ps(sj * xsc[(size_t)m * ngroups + j]), tot1[m]);
-        } else {
-            for (int m = 0; m < mt; m++)
-                tot0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_set1_ps(sj * xsc[(size_t)m * ngroups + j]), tot0[m]);
-        }
-        if (b) {
-            const float bj = SC(b, j);
-            for (int m = 0; m < mt; m++) bacc[m] += bj * xs[(size_t)m * ngroups + j];
+    for (int m = 0; m < mt; m++) { acc[m] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
+    int j = 0;
+    for (; j + 4 <= ngroups; j += 4) {
+        for (int half = 0; half < 2; half++) {
+            const int j0 = j + 2 * half, k0 = j0 * g;
+            if (G) {
+                widen(BITS, G, q, k0, wv);
+                widen(BITS, G, q, k0 + G, wv + G / 16);
+            }
+            __m128 c4 = _mm_setzero_ps();
+            if (half) c4 = f32 ? _mm_loadu_ps((const float *)s + j)
+                               : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s + j)));
+            for (int m = 0; m < mt; m++) {
+                const int16_t *xm = xq + (size_t)m * K + k0;
+                __m256i d0, d1;
+                if (G) {
+                    d0 = dot(G, wv, xm);
+                    d1 = dot(G, wv + G / 16, xm + G);
+                } else {
+                    __m256i w[MAX_GROUP / 16];
+                    widen(BITS, g, q, k0, w);
+                    d0 = dot(g, w, xm);
+                    widen(BITS, g, q, k0 + g, w);
+                    d1 = dot(g, w, xm + g);
+                }
+                const __m256i h = _mm256_hadd_epi32(d0, d1);
+                if (!half) {
+                    h01[m] = h;
+                } else {
+                    const __m128 cm = _mm_mul_ps(c4, _mm_loadu_ps(xsc + (size_t)m * ngroups + j));
+                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(h01[m], h)),
+                                             _mm256_set_m128(cm, cm), acc[m]);
+                }
+            }
         }
     }
-    for (int m = 0; m < mt; m++) r[m] = hsum(_mm256_add_ps(tot0[m], tot1[m])) + bacc[m];
+    for (; j < ngroups; j++) {
+        const float sj = SC(s, j);
+        __m256i w[MAX_GROUP / 16];
+        widen(BITS, g, q, j * g, w);
+        for (int m = 0; m < mt; m++)
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(g, w, xq + (size_t)m * K + j * g)),
+                                     _mm256_set1_ps(sj * xsc[(size_t)m * ngroups + j]), acc[m]);
+    }
+    if (b) {
+        for (int jj = 0; jj < ngroups; jj++) {
+            const float bj = SC(b, jj);
+            for (int m = 0; m < mt; m++) bacc[m] += bj * xs[(size_t)m * ngroups + jj];
+        }
+    }
+    for (int m = 0; m < mt; m++) r[m] = hsum(acc[m]) + bacc[m];
 }
 #else
 static void tile(const int BITS, const int G, int f32, const char *q, const char *s, const char *b, int K,
