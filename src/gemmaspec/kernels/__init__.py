@@ -84,9 +84,9 @@ class Kernels:
         lib.gsq_linear_bf16.argtypes = [P, I, I, P, I64, P, I]
         lib.gso_rms_norm.argtypes = [P, P, F, I, I, P, P]
         lib.gso_qk_norm_rope.argtypes = [P, I, I, I, I, I, P, P, F, P, P, I]
-        lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I]
+        lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I, I]
         lib.gso_gelu_mul.argtypes = [P, I, I, P]
-        lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I]
+        lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I, I]
         lib.gs_gemma3_block.restype = None
         for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention,
                    lib.gso_gelu_mul):
@@ -135,13 +135,15 @@ class Kernels:
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                   scale: float) -> torch.Tensor:
-        """q [Hq, T, D] (any strides, last dim contiguous), keys/values [Hkv, S, D] -> [T, Hq * Dv]."""
+        """q [Hq, T, D] float32 (any strides, last dim contiguous), keys/values [Hkv, S, D] float32 or bfloat16
+        (one dtype) -> [T, Hq * Dv] float32."""
         n_q, T, D = q.shape
         n_kv, S, Dv = values.shape
         out = torch.empty(T, n_q * Dv, dtype=torch.float32)
         self.lib.gso_attention(q.data_ptr(), T, n_q, q.stride(0), q.stride(1), D, keys.data_ptr(), keys.stride(0),
                                keys.stride(1), values.data_ptr(), values.stride(0), values.stride(1), n_kv, S, Dv,
-                               _ptr(mask), scale, out.data_ptr(), torch.get_num_threads())
+                               _ptr(mask), scale, out.data_ptr(), int(keys.dtype == torch.bfloat16),
+                               torch.get_num_threads())
         return out
 
     def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -159,22 +161,22 @@ class Kernels:
             if not w.q.is_cpu or group > self.max_group:
                 return None
             return WeightArgs(bits, f32, q, scales, bias, group, N)
-        t = getattr(w, "w", w)  # quant.bf16.BF16Weight holds its bfloat16 tensor as .w; else a float32 tensor
-        wanted = torch.float32 if t is w else torch.bfloat16
-        if not isinstance(t, torch.Tensor) or t.dtype != wanted or not t.is_cpu or t.dim() != 2 or not t.is_contiguous():
+        t = getattr(w, "w", w)  # quant.bf16.BF16Weight holds its bfloat16 tensor as .w; else a plain tensor
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.bfloat16) or not t.is_cpu \
+                or t.dim() != 2 or not t.is_contiguous():
             return None
         return WeightArgs(0 if t.dtype == torch.float32 else 1, 0, t.data_ptr(), None, None, 0, t.shape[0])
 
     def gemma3_block(self, args: Gemma3BlockArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, S: int,
                      mask: torch.Tensor | None) -> torch.Tensor:
-        """One Gemma 3 decoder block (block.c) over x [T, hidden] float32 contiguous: the new K/V go to `slots`
-        (int64 [T]) of the cache buffers keys/values [n_kv, capacity, head_dim]; attention reads slots [0, S)
-        under mask (bool [T, S] or None)."""
+        """One Gemma 3 decoder block (block.c) over x [T, hidden] contiguous, float32 or bfloat16 like the cache
+        buffers keys/values [n_kv, capacity, head_dim] (computed in float32 either way; cos/sin float32): the new
+        K/V go to `slots` (int64 [T]); attention reads slots [0, S) under mask (bool [T, S] or None)."""
         out = torch.empty_like(x)
         self.lib.gs_gemma3_block(ctypes.addressof(args), x.data_ptr(), out.data_ptr(), x.shape[0], cos.data_ptr(),
                                  sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], slots.data_ptr(),
-                                 S, _ptr(mask), torch.get_num_threads())
+                                 S, _ptr(mask), int(x.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
     def dequant(self, w, start: int, count: int, out: torch.Tensor | None = None,

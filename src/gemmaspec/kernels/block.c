@@ -5,6 +5,8 @@
 // in the same order, on the same values as models/gemma3.py's Python path, so its output is bit for bit that
 // path's: RMSNorm -> qkv -> q/k norm + RoPE -> K/V into the cache -> attention -> o -> norm + residual ->
 // norm -> gate_up -> GeGLU -> down -> norm + residual.
+// With bf16 set, x and the KV cache are bfloat16 (the model's dtype): x is widened on entry, the block computes in
+// float32 like the float32 path, and its output and new K/V are rounded to bfloat16 once.
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,8 +21,9 @@ void gso_rms_norm(const float *x, const float *w, float eps, int rows, int dim, 
 void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const float *qw, const float *kw,
                       float eps, const float *cos, const float *sin, int rot);
 void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
-                   const float *keys, int64_t k_head, int64_t k_slot, const float *values, int64_t v_head,
-                   int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int nthreads);
+                   const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
+                   int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int kv_bf16,
+                   int nthreads);
 void gso_gelu_mul(const float *gu, int T, int I, float *out);
 
 // A weight as the matmul kernels take it (kernels/__init__.py builds these).
@@ -50,9 +53,10 @@ static void matmul(const struct gs_weight *w, const float *x, int M, int K, floa
 
 // x_out[T, hidden] = the block applied to x_in. The new tokens' K/V go to cache slots slots[t] of kbuf/vbuf
 // [n_kv, capacity, head_dim]; attention then reads slots [0, S) under mask [T, S] (NULL: all of them).
-void gs_gemma3_block(const struct gs_gemma3_block *b, const float *x_in, float *x_out, int T, const float *cos,
-                     const float *sin, float *kbuf, float *vbuf, int64_t capacity, const int64_t *slots, int S,
-                     const uint8_t *mask, int nthreads) {
+// x_in, x_out, kbuf and vbuf are float32, or bfloat16 when bf16 != 0.
+void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_out, int T, const float *cos,
+                     const float *sin, void *kbuf, void *vbuf, int64_t capacity, const int64_t *slots, int S,
+                     const uint8_t *mask, int bf16, int nthreads) {
     const int H = b->hidden, hd = b->head_dim, q_dim = b->n_q * hd, kv_dim = b->n_kv * hd;
     const int row = q_dim + 2 * kv_dim, I = b->inter;
     float *h = (float *)malloc(sizeof(float) * (size_t)T * H);
@@ -60,30 +64,49 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const float *x_in, float *
     float *attn = (float *)malloc(sizeof(float) * (size_t)T * q_dim);
     float *gu = (float *)malloc(sizeof(float) * (size_t)T * 2 * I);
     float *act = (float *)malloc(sizeof(float) * (size_t)T * I);
+    float *wide = bf16 ? (float *)malloc(sizeof(float) * (size_t)T * H * 2) : NULL;  // x_in, x_out in float32
+    const float *xi = (const float *)x_in;
+    float *xo = (float *)x_out;
+    if (bf16) {
+        for (size_t i = 0; i < (size_t)T * H; i++) wide[i] = bf16_to_f32(((const uint16_t *)x_in)[i]);
+        xi = wide;
+        xo = wide + (size_t)T * H;
+    }
 
-    gso_rms_norm(x_in, b->input_norm, b->eps, T, H, NULL, h);
+    gso_rms_norm(xi, b->input_norm, b->eps, T, H, NULL, h);
     matmul(&b->qkv, h, T, H, qkv, nthreads);
     gso_qk_norm_rope(qkv, T, row, b->n_q, b->n_kv, hd, b->q_norm, b->k_norm, b->eps, cos, sin, hd);
     for (int t = 0; t < T; t++)
         for (int j = 0; j < b->n_kv; j++) {
             const size_t at = ((size_t)j * capacity + slots[t]) * hd;
-            memcpy(kbuf + at, qkv + (size_t)t * row + q_dim + (size_t)j * hd, sizeof(float) * hd);
-            memcpy(vbuf + at, qkv + (size_t)t * row + q_dim + kv_dim + (size_t)j * hd, sizeof(float) * hd);
+            const float *k = qkv + (size_t)t * row + q_dim + (size_t)j * hd, *v = k + kv_dim;
+            if (bf16) {
+                for (int i = 0; i < hd; i++) {
+                    ((uint16_t *)kbuf)[at + i] = f32_to_bf16(k[i]);
+                    ((uint16_t *)vbuf)[at + i] = f32_to_bf16(v[i]);
+                }
+            } else {
+                memcpy((float *)kbuf + at, k, sizeof(float) * hd);
+                memcpy((float *)vbuf + at, v, sizeof(float) * hd);
+            }
         }
     gso_attention(qkv, T, b->n_q, hd, row, hd, kbuf, capacity * hd, hd, vbuf, capacity * hd, hd, b->n_kv, S, hd,
-                  mask, b->scale, attn, nthreads);
+                  mask, b->scale, attn, bf16, nthreads);
     matmul(&b->o, attn, T, q_dim, h, nthreads);
-    gso_rms_norm(h, b->post_attn_norm, b->eps, T, H, x_in, x_out);
+    gso_rms_norm(h, b->post_attn_norm, b->eps, T, H, xi, xo);
 
-    gso_rms_norm(x_out, b->pre_ff_norm, b->eps, T, H, NULL, h);
+    gso_rms_norm(xo, b->pre_ff_norm, b->eps, T, H, NULL, h);
     matmul(&b->gate_up, h, T, H, gu, nthreads);
     gso_gelu_mul(gu, T, I, act);
     matmul(&b->down, act, T, I, h, nthreads);
-    gso_rms_norm(h, b->post_ff_norm, b->eps, T, H, x_out, x_out);
+    gso_rms_norm(h, b->post_ff_norm, b->eps, T, H, xo, xo);
 
+    if (bf16)
+        for (size_t i = 0; i < (size_t)T * H; i++) ((uint16_t *)x_out)[i] = f32_to_bf16(xo[i]);
     free(h);
     free(qkv);
     free(attn);
     free(gu);
     free(act);
+    free(wide);
 }

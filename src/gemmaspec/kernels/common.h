@@ -1,6 +1,8 @@
-// Shared by the gemmaspec kernels: SIMD detection, a horizontal sum, and the split of output rows over threads.
+// Shared by the gemmaspec kernels: SIMD detection, a horizontal sum, bfloat16 conversion, and the split of output
+// rows over threads.
 #pragma once
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -8,6 +10,21 @@
 #include <immintrin.h>
 #define GS_AVX2 1
 #endif
+
+// bfloat16 -> float32 is exact; float32 -> bfloat16 rounds to nearest even (NaN: 0x7fc0), as PyTorch's .to()
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 #ifdef GS_AVX2
 static inline float hsum(__m256 v) {

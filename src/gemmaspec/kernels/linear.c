@@ -339,12 +339,6 @@ int gsq_max_group(void) { return MAX_GROUP; }
 // registers: half the bytes, for CPUs without bf16 arithmetic). The same tiling: each weight row is read once per
 // call and dotted with up to MT rows of x, every row accumulated in the same order whatever M is (two 8-lane
 // accumulators over 16-value steps, then an 8-value step, then scalars).
-static inline float bf16_to_f32(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 #define WLOAD1(WB, w, k) ((WB) == 32 ? ((const float *)(w))[k] : bf16_to_f32(((const uint16_t *)(w))[k]))
 #ifdef GS_AVX2
 static inline __attribute__((always_inline)) __m256 wload8(const int WB, const void *w, int k) {

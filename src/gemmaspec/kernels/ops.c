@@ -94,15 +94,47 @@ void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const
 
 // ---- attention of a few queries over the cache -------------------------------------------------------------
 // out[t, h * vd ...] = softmax_s(scale * q[h, t] . K[h / group, s]) V[h / group, s] over the slots s < S with
-// mask[t, s] != 0 (mask NULL: all). Strides in floats; keys / values rows are contiguous (stride 1 within).
+// mask[t, s] != 0 (mask NULL: all). Strides in elements; keys / values rows are contiguous (stride 1 within),
+// float32 or bfloat16 (kv_bf16: a bfloat16 cache, widened exactly in registers; q and out stay float32).
 // Scores of every slot, exponentials and sums are taken in slot order, so a query's result depends only on
 // its own valid slots.
-static void attend_one(const float *q, const float *K, int64_t ks, const float *V, int64_t vs, int S, int hd, int vd,
-                       const uint8_t *mask, float scale, float *scores, float *out) {
+static inline float kv_at(const int KB, const void *p, int64_t i) {
+    return KB == 32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+#ifdef GS_AVX2
+static inline __m256 kv_load8(const int KB, const void *p, int64_t i) {
+    if (KB == 32) return _mm256_loadu_ps((const float *)p + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// dot() of a float32 q with one float32 / bfloat16 key row (the same order as dot())
+static inline __attribute__((always_inline)) float kv_dot(const int KB, const float *a, const void *b, int n) {
+    if (KB == 32) return dot(a, (const float *)b, n);
+#ifdef GS_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv_load8(KB, b, i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), kv_load8(KB, b, i + 8), acc1);
+    }
+    float t = hsum(_mm256_add_ps(acc0, acc1));
+#else
+    float t = 0.0f;
+    int i = 0;
+#endif
+    for (; i < n; i++) t += a[i] * kv_at(KB, b, i);
+    return t;
+}
+
+static inline __attribute__((always_inline)) void attend_one(const int KB, const float *q, const void *K, int64_t ks,
+        const void *V, int64_t vs, int S, int hd, int vd, const uint8_t *mask, float scale, float *scores, float *out) {
+    const size_t eb = KB / 8;  // bytes per cache element
     float mx = -INFINITY;
     for (int s = 0; s < S; s++) {
         if (mask && !mask[s]) { scores[s] = -INFINITY; continue; }
-        scores[s] = dot(q, K + (size_t)s * ks, hd) * scale;
+        scores[s] = kv_dot(KB, q, (const char *)K + (size_t)s * ks * eb, hd) * scale;
         if (scores[s] > mx) mx = scores[s];
     }
     for (int i = 0; i < vd; i++) out[i] = 0.0f;
@@ -125,23 +157,25 @@ static void attend_one(const float *q, const float *K, int64_t ks, const float *
         if (mask && !mask[s]) continue;
         const float p = scores[s];
         sum += p;
-        const float *v = V + (size_t)s * vs;
+        const void *v = (const char *)V + (size_t)s * vs * eb;
         int i = 0;
 #ifdef GS_AVX2
         const __m256 vp = _mm256_set1_ps(p);
         for (; i + 8 <= vd; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, kv_load8(KB, v, i), _mm256_loadu_ps(out + i)));
 #endif
-        for (; i < vd; i++) out[i] += p * v[i];
+        for (; i < vd; i++) out[i] += p * kv_at(KB, v, i);
     }
     const float inv = 1.0f / sum;
     for (int i = 0; i < vd; i++) out[i] *= inv;
 }
 
 void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
-                   const float *keys, int64_t k_head, int64_t k_slot, const float *values, int64_t v_head,
-                   int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int nthreads) {
+                   const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
+                   int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int kv_bf16,
+                   int nthreads) {
     const int group = nq / nkv, tasks = T * nq;
+    const size_t eb = kv_bf16 ? 2 : 4;
     // threads only pay off for long contexts
     const int threads = (int64_t)S * tasks * hd > (1 << 18) ? nthreads : 1;
 #pragma omp parallel num_threads(threads)
@@ -150,8 +184,13 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
 #pragma omp for schedule(static)
         for (int task = 0; task < tasks; task++) {
             const int t = task / nq, h = task % nq, j = h / group;
-            attend_one(q + h * q_head + t * q_tok, keys + j * k_head, k_slot, values + j * v_head, v_slot, S, hd, vd,
-                       mask ? mask + (size_t)t * S : NULL, scale, scores, out + ((size_t)t * nq + h) * vd);
+            const void *K = (const char *)keys + j * k_head * eb, *V = (const char *)values + j * v_head * eb;
+            const uint8_t *mt = mask ? mask + (size_t)t * S : NULL;
+            float *o = out + ((size_t)t * nq + h) * vd;
+            if (kv_bf16)
+                attend_one(16, q + h * q_head + t * q_tok, K, k_slot, V, v_slot, S, hd, vd, mt, scale, scores, o);
+            else
+                attend_one(32, q + h * q_head + t * q_tok, K, k_slot, V, v_slot, S, hd, vd, mt, scale, scores, o);
         }
         free(scores);
     }

@@ -113,12 +113,14 @@ class Gemma3Block(nn.Module):
         self.scale = cfg.query_pre_attn_scalar**-0.5
 
     def forward(self, x, layer_idx: int, cache: KVCache, cos, sin):
-        fast = fused_ops(x)
+        """x [T, hidden] in the model's dtype; cos/sin float32 (the C block's), rounded to x's dtype below."""
+        fast = fused_ops(x, (torch.float32, torch.bfloat16))
         if fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous() \
                 and cos.is_contiguous() and cos.shape == (x.shape[0], self.head_dim):
             args, target = self._block_args(fast), cache.block_target(layer_idx)
-            if args is not None and target is not None and target[0].dtype == torch.float32:
+            if args is not None and target is not None and target[0].dtype == x.dtype:
                 return fast.gemma3_block(args, x, cos, sin, *target)  # the path below in one C call
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         T = x.shape[0]
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
@@ -213,8 +215,8 @@ class Gemma3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run tokens [T] at the cache's next positions; returns final-normed hidden states [T, hidden]."""
         positions = cache.begin(input_ids.shape[0])
-        cos_f, sin_f = rope_cos_sin(positions, self.inv_freq_full, self.dtype)
-        cos_l, sin_l = rope_cos_sin(positions, self.inv_freq_local, self.dtype)
+        cos_f, sin_f = rope_cos_sin(positions, self.inv_freq_full, torch.float32)
+        cos_l, sin_l = rope_cos_sin(positions, self.inv_freq_local, torch.float32)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)

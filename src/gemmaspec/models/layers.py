@@ -17,11 +17,12 @@ from ..errors import ModelFileError
 
 
 
-def fused_ops(x: torch.Tensor):
-    """Our C kernels (gemmaspec.kernels) when they apply to x: float32 on the CPU, no autograd; else None.
+def fused_ops(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)):
+    """Our C kernels (gemmaspec.kernels) when they apply to x: on the CPU, of one of `dtypes`, no autograd; else
+    None.
 
     At batch 1 a decode step of a small model is dominated by per-op overhead outside the matmuls."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+    if x.dtype not in dtypes or x.device.type != "cpu" or torch.is_grad_enabled():
         return None
     return kernels.load()
 
