@@ -140,17 +140,40 @@ class Gemma3Block(nn.Module):
         h = geglu(self.gate_up_proj(self.pre_feedforward_layernorm(x)))
         return self.post_feedforward_layernorm(self.down_proj(h), residual=x)
 
+    _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+              "q_norm", "k_norm")
+
+    def _weights_key(self) -> tuple[list, list]:
+        """What the C block's raw pointers depend on, read cheaply (once per block and step): the id of each
+        weight's holder (a Parameter, or a packed weight module and its buffers, which `.to()` and format changes
+        replace) and every Parameter's data pointer (`.data =` keeps the Parameter but moves its data); and the
+        holders themselves, which the cache keeps alive so that no id is reused while it stands."""
+        holders, ptrs = [], []
+        mods = self._modules
+        for name in self._LINEARS:
+            lin = mods[name]
+            packed = lin._modules.get("qweight")
+            if packed is not None:
+                holders += (packed, *packed._buffers.values(), *packed._parameters.values())
+            else:
+                w = lin._parameters["weight"]
+                holders.append(w)
+                ptrs.append(w.data_ptr())
+        for name in self._NORMS:
+            w = mods[name]._parameters.get("weight")
+            holders.append(w)
+            ptrs.append(w.data_ptr() if w is not None else 0)
+        return [*map(id, holders), *ptrs], holders
+
     def _block_args(self, fast):
         """The block's weights and norms for kernels/block.c, built once per set of weights (None: a weight
         format or norm layout the kernel does not take)."""
-        linears = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
-        norms = (self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                 self.post_feedforward_layernorm, self.q_norm, self.k_norm)
-        # the kernel gets raw pointers: rebuild whenever any tensor moved (a new format, `.data =`, `.to()`)
-        key = tuple(_storage(lin.qweight if lin.qweight is not None else lin.weight) for lin in linears) + tuple(
-            _storage(n.weight) for n in norms)
+        key, holders = self._weights_key()
         cached = self.__dict__.get("_block_cache")
         if cached is None or cached[0] != key:
+            linears = [getattr(self, name) for name in self._LINEARS]
+            norms = [getattr(self, name) for name in self._NORMS]
             weights = [fast.weight_args(lin) for lin in linears]
             usable = all(w is not None for w in weights) and all(
                 n.weight is not None and n.weight.dtype == torch.float32 and n.weight.is_contiguous()
@@ -159,19 +182,8 @@ class Gemma3Block(nn.Module):
                 *weights, *[n.weight.data_ptr() for n in norms], self.input_layernorm.eps, self.scale,
                 self.o_proj.out_features, self.n_heads, self.n_kv, self.head_dim, self.down_proj.in_features,
             ) if usable else None
-            cached = self.__dict__["_block_cache"] = (key, args)
+            cached = self.__dict__["_block_cache"] = (key, args, holders)
         return cached[1]
-
-
-def _storage(w) -> int | tuple | None:
-    """Where a weight's data lives and as what: a tensor's pointer, dtype and shape; a packed weight's kernel
-    arguments."""
-    if w is None:
-        return None
-    if hasattr(w, "kernel_args"):
-        return w.kernel_args()
-    t = getattr(w, "w", w)
-    return t.data_ptr(), t.dtype, tuple(t.shape)
 
 
 class Gemma3Model(nn.Module):
