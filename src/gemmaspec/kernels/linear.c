@@ -94,7 +94,7 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
         deq_row_i4((const uint8_t *)q + (size_t)n * K / 2, sn, bn, f32, K, g, out);
 }
 
-// ---- tiles: one weight row x up to MT rows of x -------------------------------------------------------------
+// ---- tiles: one weight row x up to QMT (int8 / int4) or MT (float) rows of x --------------------------------
 // The activations are quantized first, per row and per weight group: x ~= xs_j * xq with xq int16 and
 // xs_j = max|x in group j| / 32767 (a relative error of at most 2^-16 of the group's largest value, far below
 // the weights' own quantization error). Integer dot products are exact, and pmaddwd does 16 multiply-adds per
@@ -109,6 +109,11 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
 // site. int32 sums cannot overflow: a group adds at most MAX_GROUP products of |q| <= 128 and |xq| <= 32767
 // (2^31 - 65536 in the portable path's single sum; less per AVX2 lane). Do not raise MAX_GROUP.
 #define MT 4
+#if defined(__AVX512VL__)
+#define QMT 8  // rows of x per int8/int4 tile: with 32 vector registers the accumulators of 8 rows fit
+#else
+#define QMT 4
+#endif
 #define MAX_GROUP 512
 #ifdef GS_AVX2
 // values k..k+15 (k a multiple of 16) as int16: int4 values are nibbles of bytes (k & 15).. of their 32-value
@@ -130,10 +135,10 @@ static inline __attribute__((always_inline)) void widen(const int BITS, const in
         if (BITS == 8) {
             w[c / 16] = load16(8, q, k0 + c);
             w[c / 16 + 1] = load16(8, q, k0 + c + 16);
-        } else {  // one 16-byte chunk holds both halves
-            const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)q + (k0 + c) / 2)), m4 = _mm_set1_epi8(0x0f);
-            w[c / 16] = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
-            w[c / 16 + 1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+        } else {  // one 16-byte chunk holds both halves: widen the bytes once, then split the nibbles
+            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)((const uint8_t *)q + (k0 + c) / 2)));
+            w[c / 16] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0f));
+            w[c / 16 + 1] = _mm256_srli_epi16(bytes, 4);
         }
     }
 }
@@ -166,9 +171,9 @@ static inline __attribute__((always_inline)) void tile(const int BITS, const int
         int ngroups, const int mt, float *r) {
     const int g = G ? G : g_runtime;
     enum { WV = 4 };  // widened vectors kept for a pair of groups of 16 or 32
-    __m256 acc[MT];
-    __m256i h01[MT], wv[WV];
-    float bacc[MT];
+    __m256 acc[QMT];
+    __m256i h01[QMT], wv[WV];
+    float bacc[QMT];
     for (int m = 0; m < mt; m++) { acc[m] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
     int j = 0;
     for (; j + 4 <= ngroups; j += 4) {
@@ -213,8 +218,17 @@ static inline __attribute__((always_inline)) void tile(const int BITS, const int
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(g, w, xq + (size_t)m * K + j * g)),
                                      _mm256_set1_ps(sj * xsc[(size_t)m * ngroups + j]), acc[m]);
     }
-    if (b) {
-        for (int jj = 0; jj < ngroups; jj++) {
+    if (b) {  // sum_j b_j * (sum of x in group j): eight groups per FMA, then the leftover groups in order
+        __m256 bv[QMT];
+        for (int m = 0; m < mt; m++) bv[m] = _mm256_setzero_ps();
+        int jj = 0;
+        for (; jj + 8 <= ngroups; jj += 8) {
+            const __m256 b8 = f32 ? _mm256_loadu_ps((const float *)b + jj)
+                                  : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + jj)));
+            for (int m = 0; m < mt; m++) bv[m] = _mm256_fmadd_ps(b8, _mm256_loadu_ps(xs + (size_t)m * ngroups + jj), bv[m]);
+        }
+        for (int m = 0; m < mt; m++) bacc[m] = hsum(bv[m]);
+        for (; jj < ngroups; jj++) {
             const float bj = SC(b, jj);
             for (int m = 0; m < mt; m++) bacc[m] += bj * xs[(size_t)m * ngroups + jj];
         }
@@ -275,21 +289,28 @@ struct job {
 };
 
 #define TILE(B, GC, MTC) tile(B, GC, f32, qn, sn, bn, K, g, xm, xscm, xsm, G, MTC, r)
+#if QMT == 8
+#define WIDE_TILES(B, GC) case 8: TILE(B, GC, 8); break; case 7: TILE(B, GC, 7); break; \
+                          case 6: TILE(B, GC, 6); break; case 5: TILE(B, GC, 5); break;
+#else
+#define WIDE_TILES(B, GC)
+#endif
 #define RANGE_FN(NAME, BITS, GC, F32)                                                                                   \
 static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                      \
     const struct job *jb = (const struct job *)ctx;                                                             \
     const int f32 = F32, M = jb->M, K = jb->K, G = jb->G, g = jb->g;                                        \
     const size_t row_bytes = jb->row_bytes, srow = jb->srow;                                                    \
     const int64_t N = jb->N;                                                                                    \
-    float r[MT];                                                                                                \
+    float r[QMT];                                                                                               \
     for (int64_t row = n_begin; row < n_end; row++) {                                                           \
         const char *qn = jb->q + (size_t)row * row_bytes, *sn = jb->s + (size_t)row * srow;                     \
         const char *bn = jb->b ? jb->b + (size_t)row * srow : NULL;                                             \
-        for (int m0 = 0; m0 < M; m0 += MT) {                                                                    \
-            const int tm = M - m0 < MT ? M - m0 : MT;                                                           \
+        for (int m0 = 0; m0 < M; m0 += QMT) {                                                                   \
+            const int tm = M - m0 < QMT ? M - m0 : QMT;                                                         \
             const int16_t *xm = jb->xq + (size_t)m0 * K;                                                        \
             const float *xscm = jb->xsc + (size_t)m0 * G, *xsm = jb->xs ? jb->xs + (size_t)m0 * G : NULL;       \
             switch (tm) {                                                                                       \
+                WIDE_TILES(BITS, GC)                                                                            \
                 case 4: TILE(BITS, GC, 4); break;                                                               \
                 case 3: TILE(BITS, GC, 3); break;                                                               \
                 case 2: TILE(BITS, GC, 2); break;                                                               \
@@ -312,6 +333,7 @@ RANGE_FNS(f, 1)  // float32 scales
 #undef RANGE_FNS
 #undef RANGE_FN
 #undef TILE
+#undef WIDE_TILES
 
 // ---- exported ---------------------------------------------------------------------------------------
 // y[M, N] = x[M, K] @ dequant(W)^T, the rows of W split over threads. g <= MAX_GROUP (gsq_max_group()).
