@@ -321,6 +321,16 @@ def test_low_bit_target_gets_a_low_bit_drafter(tiny_gemma3_dir, g3_assistant_dir
     _greedy_equal(target, f"mtp:{g3_assistant_dirs[2]}", ks=[4])  # rows scored from the target's int8 table
 
 
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_bfloat16_target_gets_a_float32_drafter(tiny_gemma3_dir, g3_assistant_dirs, weights):
+    """On the CPU the assistant computes in float32 next to a bfloat16 target (reading its bfloat16 cache and, when
+    tied, its bfloat16 or int8 embedding table); greedy output still equals plain decoding."""
+    target = load_model(str(tiny_gemma3_dir), dtype="bfloat16", device="cpu", weights=weights)
+    for folder in g3_assistant_dirs:
+        assert make_drafter(f"mtp:{folder}", target).assistant.dtype == torch.float32
+        _greedy_equal(target, f"mtp:{folder}", ks=[1, 4])
+
+
 def test_sampling_distribution_matches_target(small_vocab_target, tmp_path):
     """Rejection sampling with the MTP drafter's q (centroid head: q = 0 outside its clusters) keeps the target's
     distribution after top-p processing."""

@@ -218,7 +218,12 @@ def make_mtp_drafter(spec: str, target) -> MTPDrafter:
     problems = check_pairing(cfg, target)
     if problems:
         raise GemmaspecError(f"the MTP assistant {path} does not fit {target.name}: {'; '.join(problems)}")
-    assistant = load_assistant(path, dtype=model.dtype, device=model.embed_tokens.device,
+    device = model.embed_tokens.device
+    # On the CPU the assistant computes in float32 whatever the target's dtype: its matmuls and its attention over
+    # the target's (bfloat16) cache run in our C kernels, which take float32 activations; PyTorch's bfloat16 ops
+    # on its small tensors made a draft step ~1.5x slower.
+    dtype = torch.float32 if device.type == "cpu" else model.dtype
+    assistant = load_assistant(path, dtype=dtype, device=device,
                                target_embeddings=model.embed_tokens if cfg.tie_target_embeddings else None)
     match_target_weights(assistant, model)
     return MTPDrafter(assistant, model, name=spec)

@@ -302,8 +302,10 @@ def cross_attend(q: torch.Tensor, view: AttentionView) -> torch.Tensor:
     qg = q.reshape(n_kv, g * N, D)
     if mask is not None and N > 1 and g > 1:
         mask = mask.repeat(g, 1)
-    # 4-D inputs reach PyTorch's fused CPU kernel (3-D ones fall back to the unfused math path).
-    out = F.scaled_dot_product_attention(qg[None], view.keys[None], view.values[None], attn_mask=mask, scale=1.0)[0]
+    # 4-D inputs reach PyTorch's fused CPU kernel (3-D ones fall back to the unfused math path). The target's cache
+    # may be bfloat16 under a float32 assistant.
+    keys, values = view.keys.to(q.dtype), view.values.to(q.dtype)
+    out = F.scaled_dot_product_attention(qg[None], keys[None], values[None], attn_mask=mask, scale=1.0)[0]
     return out.reshape(n_q, N, -1).transpose(0, 1).reshape(N, -1)
 
 
@@ -315,8 +317,8 @@ def _rows(table, ids: torch.Tensor) -> torch.Tensor:
 def _row_scores(table, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """hidden [N, H] . rows `ids` of the table -> [N, len(ids)]. A quantized table (the target's, when tied) is
     scored through its own matmul on just the gathered packed rows instead of dequantizing them."""
-    if isinstance(table, torch.Tensor):
-        return F.linear(hidden, table.index_select(0, ids))
+    if isinstance(table, torch.Tensor):  # the target's table may be bfloat16 under a float32 assistant
+        return F.linear(hidden, table.index_select(0, ids).to(hidden.dtype))
     try:
         sub = type(table)(table.bits, table.q.index_select(0, ids), table.scales.index_select(0, ids),
                           None if table.bias is None else table.bias.index_select(0, ids), table.group,
@@ -459,21 +461,22 @@ class AssistantModel(nn.Module):
             return self.vocab_map.expand(hidden.shape[0], -1), self.vocab_logits(hidden).float()
         if self.centroids is None:
             head = self.lm_head
-            return None, (F.linear(hidden, head) if isinstance(head, torch.Tensor) else head.linear(hidden)).float()
+            return None, (F.linear(hidden, head.to(hidden.dtype)) if isinstance(head, torch.Tensor)
+                          else head.linear(hidden)).float()
         cfg = self.config
         top = torch.topk(self.centroids(hidden), cfg.centroid_intermediate_top_k, dim=-1).indices  # [N, K]
         clusters = self.token_ordering.view(cfg.num_centroids, cfg.vocab_per_centroid)
         ids = clusters[top].reshape(hidden.shape[0], -1)  # [N, K * per_cluster]
         if hidden.shape[0] == 1:  # drafting: one matmul over the selected rows
             return ids, _row_scores(self.lm_head, ids[0], hidden).float()
-        rows = _rows(self.lm_head, ids.reshape(-1)).view(*ids.shape, -1)  # [N, M, H]: only these rows are read
+        rows = _rows(self.lm_head, ids.reshape(-1)).view(*ids.shape, -1).to(hidden.dtype)  # only these rows are read
         logits = (hidden.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)
         return ids, logits.float()
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of the trimmed vocabulary's rows [N, gemmaspec_vocab_size] (trainable: used by train-drafter)."""
         head = self.lm_head
-        return F.linear(hidden, head) if isinstance(head, torch.Tensor) else head.linear(hidden)
+        return F.linear(hidden, head.to(hidden.dtype)) if isinstance(head, torch.Tensor) else head.linear(hidden)
 
     def init_trainable(self, vocab: torch.Tensor, target_model=None, std: float = 0.02) -> None:
         """Random initial weights for training a trimmed-vocabulary drafter; every weight becomes trainable."""
