@@ -90,10 +90,10 @@ def gguf_bytes_per_token(path) -> int:
 def load_format(fmt: str):
     from gemmaspec.loading import load_model
 
-    from gemmaspec.loading import native_bf16
-
-    # bf16: bfloat16 weights; computed in bfloat16 where the CPU has it, else in float32 by our kernel
-    dtype = "bfloat16" if fmt == "bf16" and native_bf16(torch.device("cpu")) else "float32"
+    # float32: the float32 reference. The others in the dtype users get by default (`--dtype auto`: bfloat16
+    # activations and cache where the CPU computes bfloat16 natively, else float32); the C kernels widen bf16
+    # weights and compute the int8/int4 matmuls in float32 either way.
+    dtype = "float32" if fmt == "float32" else "auto"
     weights = "float" if fmt == "float32" else fmt
     t = time.perf_counter()
     target = load_model("default", dtype=dtype, device="cpu", weights=weights)
@@ -245,8 +245,9 @@ def main():
     for fmt in formats:
         target, load_s = load_format(fmt)
         engines[fmt] = Engine(target, make_drafter("none", target), 0)
-        info[fmt] = {"load_seconds": load_s, "bytes_per_token": weight_bytes(target.model), "notes": target.notes}
-        print(f"loaded {fmt} in {load_s:.1f} s: {info[fmt]['bytes_per_token'] / 1e6:.0f} MB per token; "
+        info[fmt] = {"load_seconds": load_s, "bytes_per_token": weight_bytes(target.model), "notes": target.notes,
+                     "dtype": str(target.model.dtype).replace("torch.", "")}
+        print(f"loaded {fmt} ({info[fmt]['dtype']}) in {load_s:.1f} s: {info[fmt]['bytes_per_token'] / 1e6:.0f} MB per token; "
               f"{'; '.join(target.notes) or '-'}", flush=True)
     for engine in engines.values():  # warm up (kernel build, first-call allocations)
         engine.generate(PROMPTS[0], max_new_tokens=4)

@@ -77,7 +77,7 @@ class Kernels:
         lib.gsq_linear.restype = None
         lib.gsq_dequant.argtypes = [I, I, P, P, P, I, I, P, I64, I64, P, I]
         lib.gsq_dequant.restype = None
-        lib.gsq_has_avx2.restype = I
+        lib.gsq_simd.restype = I
         lib.gsq_max_group.restype = I
         F = ctypes.c_float
         lib.gsq_linear_f32.argtypes = [P, I, I, P, I64, P, I]
@@ -92,7 +92,8 @@ class Kernels:
                    lib.gso_gelu_mul):
             fn.restype = None
         self.lib, self.path = lib, path
-        self.simd = "avx2" if lib.gsq_has_avx2() else "portable C"
+        simd = lib.gsq_simd()
+        self.simd = "+".join(name for bit, name in ((1, "avx2"), (2, "vnni"), (4, "avx512")) if simd & bit) or "portable C"
         self.max_group = lib.gsq_max_group()  # larger groups could overflow the int32 dot products
 
     def linear(self, w, x: torch.Tensor) -> torch.Tensor:

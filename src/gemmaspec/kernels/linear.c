@@ -457,10 +457,17 @@ void gsq_dequant(int bits, int f32, const void *q, const void *s, const void *b,
     for (int64_t r = 0; r < R; r++) deq_row(bits, f32, q, s, b, K, g, rows ? rows[r] : n0 + r, out + (size_t)r * K);
 }
 
-int gsq_has_avx2(void) {
+// The SIMD paths of this build: bit 0 AVX2 + FMA + F16C, bit 1 VNNI (vpdpwssd), bit 2 AVX-512VL (8-row tiles).
+int gsq_simd(void) {
+    int bits = 0;
 #ifdef GS_AVX2
-    return 1;
-#else
-    return 0;
+    bits |= 1;
 #endif
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+    bits |= 2;
+#endif
+#if QMT == 8
+    bits |= 4;
+#endif
+    return bits;
 }
