@@ -69,7 +69,7 @@ def random_drafter(target, layers: int, centroids: bool, weights: str | None = N
                 t.copy_(torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5)
         if assistant.centroids is not None:
             assistant.token_ordering.copy_(torch.randperm(cfg.text.vocab_size, generator=g))
-    assistant.to(model.dtype)
+    assistant.to(torch.float32)  # as make_mtp_drafter does on the CPU, whatever the target's dtype
     n_params = sum(t.numel() for t in assistant.parameters())  # the tied embedding is the target's, not counted
     fmt = match_target_weights(assistant, model, weights)  # what make_mtp_drafter does (None: follow the target)
     drafter = MTPDrafter(assistant.eval(), model)
@@ -80,7 +80,7 @@ def random_drafter(target, layers: int, centroids: bool, weights: str | None = N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--draft-tokens", type=int, default=4, help="K for the per-step estimate")

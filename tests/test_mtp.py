@@ -269,6 +269,13 @@ def test_gemma4_target_greedy_equals_plain_decoding(g4_target):
     _greedy_equal(g4_target, "mtp", ks=[1, 2, 4, 8])
 
 
+def test_gemma4_bfloat16_target_greedy_equals_plain_decoding(g4_target):
+    """A bfloat16 Gemma 4 target (its cache bfloat16) with the float32 assistant of the CPU."""
+    target = load_model(str(g4_target.path), dtype="bfloat16", device="cpu")
+    assert make_drafter("mtp", target).assistant.dtype == torch.float32
+    _greedy_equal(target, "mtp", ks=[1, 4])
+
+
 def test_auto_hybrid_of_mtp_and_prompt_lookup_is_lossless(g4_target):
     plain = Engine(g4_target, make_drafter("none", g4_target), 0)
     plain.eos_ids = set()
