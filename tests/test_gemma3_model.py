@@ -172,3 +172,23 @@ def test_fused_block_follows_weight_changes(tiny_gemma3_dir, monkeypatch):
     assert torch.equal(run(), per_op())
     quantize_model(model, "int8")
     assert torch.equal(run(), per_op())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hidden_states_do_not_depend_on_the_cache_capacity(tmp_path, dtype):
+    """A plain and a speculative run size their caches differently (the draft length adds slots); the sliding
+    ring must not follow, or the same prompt gets different numbers (in bfloat16, different tokens)."""
+    from gemmaspec.loading import load_model
+    from tiny_models import save_tiny_model, tiny_gemma3_config
+
+    folder = save_tiny_model(tmp_path / "m", tiny_gemma3_config(sliding_window=256), seed=3)
+    model = load_model(str(folder), dtype=dtype, device="cpu", weights="int8").model
+    ids = torch.randint(4, 96, (140,), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for capacity in (141, 180, 400):  # rings of 141, 180 and 320 slots before the fix
+        cache = model.new_cache(capacity)
+        with torch.inference_mode():
+            outs = [model(ids[:120], cache)]  # a prefill longer than the C block takes
+            outs += [model(ids[at:at + 1], cache) for at in range(120, 140)]
+        runs.append(torch.cat(outs))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

@@ -4,7 +4,9 @@ One buffer pair per cache-owning layer, allocated once per request:
 - full-attention layers hold every position up to `capacity`;
 - sliding-window layers hold a ring of `window + spec_margin` slots, so memory stays bounded by the window
   while the last `spec_margin` positions can still be rolled back (a rejected draft) without losing keys
-  that later queries need.
+  that later queries need. The ring's size does not depend on `capacity`: attention sums over its slots in
+  slot order, so a ring sized by the request (prompt + max_new_tokens + the draft length) would give a plain
+  and a speculative run of the same prompt slightly different numbers (in bfloat16, different tokens).
 
 Rollback is a change of `length`; stale entries beyond it are masked out by position and overwritten by
 the next write. Attention masks are computed once per forward and shared by all layers of a kind.
@@ -54,7 +56,7 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         self.ring_size: int | None = None
         for spec in specs:
-            size = capacity if spec.window is None else min(capacity, spec.window + spec_margin)
+            size = capacity if spec.window is None else spec.window + spec_margin
             if spec.window is not None:
                 self.ring_size = size
             self.keys.append(torch.zeros(spec.n_kv_heads, size, spec.k_dim, dtype=dtype, device=device))
@@ -93,7 +95,7 @@ class KVCache:
             kbuf[:, step.start : end] = k
             vbuf[:, step.start : end] = v
             return AttentionView(kbuf[:, :end], vbuf[:, :end], step.full_mask())
-        if step.n_new <= self.ring_size - window or self.ring_size == self.capacity:
+        if step.n_new <= self.ring_size - window:
             # Writing first is safe: the overwritten slots are older than every query's window.
             self._write_ring(kbuf, vbuf, k, v, step)
             return AttentionView(kbuf, vbuf, step.ring_mask(window))
@@ -112,7 +114,7 @@ class KVCache:
         window = self.specs[layer].window
         if window is None:
             return self.keys[layer], self.values[layer], step.positions, step.start + step.n_new, step.full_mask()
-        if step.n_new > self.ring_size or not (step.n_new <= self.ring_size - window or self.ring_size == self.capacity):
+        if step.n_new > self.ring_size - window:
             return None
         return self.keys[layer], self.values[layer], step.ring_slots()[0], self.ring_size, step.ring_mask(window)
 
