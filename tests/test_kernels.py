@@ -108,7 +108,10 @@ def test_every_verification_size_runs_in_the_kernels():
     from gemmaspec.draft_length import MAX_DRAFT_TOKENS
     from gemmaspec.models.layers import Linear
 
+    from gemmaspec.engine import SPEC_MARGIN
+
     assert kernels.MAX_ROWS >= MAX_DRAFT_TOKENS + 1
+    assert SPEC_MARGIN >= MAX_DRAFT_TOKENS + 1  # cache.block_target takes chunks up to the ring's margin
     lin = Linear(64, 48)
     lin.weight.data = torch.randn(48, 64, generator=_g(40))
     x = torch.randn(MAX_DRAFT_TOKENS + 1, 64, generator=_g(41))

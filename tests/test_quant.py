@@ -97,14 +97,16 @@ def test_bfloat16_activations_and_leading_dims(bits):
 
 @pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
 @pytest.mark.parametrize("bits", [8, 4])
-def test_kernel_rows_do_not_depend_on_M(bits):
+@pytest.mark.parametrize("K, group", [(640, 32), (672, 32), (96, 16), (448, 64)])  # leftover groups, G = 0 path
+def test_kernel_rows_do_not_depend_on_M(bits, K, group):
     """Each row of x is accumulated in the same order whatever M is: verification logits equal decode ones."""
-    qw = quantize(_weight(N=257, K=640), bits)
-    x = torch.randn(9, 640)
+    qw = quantize(_weight(N=257, K=K), bits, group=group)
+    x = torch.randn(33, K)
     full = qw.linear(x)
-    for m in range(9):
+    for m in range(33):
         assert torch.equal(qw.linear(x[m:m + 1]), full[m:m + 1])
-    assert torch.equal(qw.linear(x[2:7]), full[2:7])
+    for lo, hi in ((2, 7), (0, 9), (3, 20)):  # tiles of up to 8 rows and their leftovers
+        assert torch.equal(qw.linear(x[lo:hi]), full[lo:hi])
 
 
 def test_embedding_lookup_dequantizes_rows():

@@ -20,6 +20,11 @@ from .loading.tokenizer import IncrementalDecoder
 from .sampling import SamplingParams
 from .verify import verify
 
+# One sliding-ring margin for every request, plain or speculative: the ring's geometry enters the numbers
+# (cache.py), and a verification chunk (at most MAX_DRAFT_TOKENS + 1 tokens) must fit in the margin to run in the
+# same C block as a plain decode step.
+SPEC_MARGIN = 64
+
 
 @dataclass
 class GenerationStats:
@@ -136,7 +141,7 @@ class Engine:
         model, drafter = self.model, self.drafter
         max_draft = policy.max_tokens
         capacity = len(prompt_ids) + max_new + max_draft + 2
-        cache = model.new_cache(capacity, spec_margin=max(64, max_draft + 2))
+        cache = model.new_cache(capacity, spec_margin=SPEC_MARGIN)
         generator = None if params.greedy else params.generator(self.device)
         drafter.reset(prompt_ids, params, capacity)
         stats = GenerationStats(prompt_tokens=len(prompt_ids), drafter=getattr(drafter, "name", "none"),

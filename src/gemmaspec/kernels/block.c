@@ -2,11 +2,13 @@
 //
 // At batch 1 a 270M model's step is short (~15 ms), and the Python around each of a block's ~11 kernel calls
 // (module dispatch, tensor allocation, ctypes argument conversion) cost ~4 ms of it. This runs the same kernels,
-// in the same order, on the same values as models/gemma3.py's Python path, so its output is bit for bit that
-// path's: RMSNorm -> qkv -> q/k norm + RoPE -> K/V into the cache -> attention -> o -> norm + residual ->
-// norm -> gate_up -> GeGLU -> down -> norm + residual.
+// in the same order, on the same values as models/gemma3.py's Python path, so for a float32 model its output is
+// bit for bit that path's: RMSNorm -> qkv -> q/k norm + RoPE -> K/V into the cache -> attention -> o -> norm +
+// residual -> norm -> gate_up -> GeGLU -> down -> norm + residual.
 // With bf16 set, x and the KV cache are bfloat16 (the model's dtype): x is widened on entry, the block computes in
-// float32 like the float32 path, and its output and new K/V are rounded to bfloat16 once.
+// float32 like the float32 path, and its output and new K/V are rounded to bfloat16 once. That is not what the
+// per-op bfloat16 path computes (it rounds after every op), so every decode and verification step of a bfloat16
+// model must take this block (cache.block_target, engine.SPEC_MARGIN) for speculation to stay exact.
 #include <stdlib.h>
 #include <string.h>
 

@@ -98,15 +98,16 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
 // The activations are quantized first, per row and per weight group: x ~= xs_j * xq with xq int16 and
 // xs_j = max|x in group j| / 32767 (a relative error of at most 2^-16 of the group's largest value, far below
 // the weights' own quantization error). Integer dot products are exact, and pmaddwd does 16 multiply-adds per
-// instruction where widening every weight to float took three instructions per 8 values: on this Zen 3 int4
-// matmuls run 1.6x faster per core and int8 ones 1.2-1.5x.
+// instruction where widening every weight to float took three instructions per 8 values: on Zen 3 int4
+// matmuls ran 1.6x faster per core and int8 ones 1.2-1.5x.
 // Each output y[m, n] is accumulated in one fixed order whatever M is, so y[m] does not depend on M bitwise
-// (speculative verification sees exactly the values plain decoding would): per group j the exact int32 dot
-// d_j, then total[j % 2] += float(d_j) * (s_j * xs_j); y = hsum(total[0] + total[1]) + sum_j b_j * sum(x in j).
+// (speculative verification sees exactly the values plain decoding would): per group the exact int32 dot, its
+// lanes folded four groups at a time (see tile()), scaled and summed into one 8-lane float accumulator, then the
+// leftover groups one at a time, then hsum + the bias term (sum_j b_j * sum(x in group j), 8 groups per FMA).
 // One weight row at a time keeps the weights a single sequential stream (interleaving several rows halved
-// the DRAM read rate here), and every weight vector is widened once for all rows of x in the tile.
-// BITS, G (group size 16 or 32; 0: read g, a multiple of 32 up to MAX_GROUP) and MT are constants at each call
-// site. int32 sums cannot overflow: a group adds at most MAX_GROUP products of |q| <= 128 and |xq| <= 32767
+// the DRAM read rate on Zen 3); with groups of 16 or 32 every weight vector is widened once for all rows of x
+// in the tile. BITS, G (group size 16 or 32; 0: read g, a multiple of 32 up to MAX_GROUP) and the tile's row
+// count are constants at each call site. int32 sums cannot overflow: a group adds at most MAX_GROUP products of |q| <= 128 and |xq| <= 32767
 // (2^31 - 65536 in the portable path's single sum; less per AVX2 lane). Do not raise MAX_GROUP.
 #define MT 4
 #if defined(__AVX512VL__)

@@ -116,7 +116,8 @@ class Gemma3Block(nn.Module):
         """x [T, hidden] in the model's dtype; cos/sin float32 (the C block's), rounded to x's dtype below."""
         fast = fused_ops(x, (torch.float32, torch.bfloat16))
         if fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous() \
-                and cos.is_contiguous() and cos.shape == (x.shape[0], self.head_dim):
+                and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous() \
+                and cos.shape == (x.shape[0], self.head_dim):
             args, target = self._block_args(fast), cache.block_target(layer_idx)
             if args is not None and target is not None and target[0].dtype == x.dtype:
                 return fast.gemma3_block(args, x, cos, sin, *target)  # the path below in one C call
@@ -147,7 +148,8 @@ class Gemma3Block(nn.Module):
     def _weights_key(self) -> tuple[list, list]:
         """What the C block's raw pointers depend on, read cheaply (once per block and step): the id of each
         weight's holder (a Parameter, or a packed weight module and its buffers, which `.to()` and format changes
-        replace) and every Parameter's data pointer (`.data =` keeps the Parameter but moves its data); and the
+        replace) and every Parameter's data pointer, dtype and shape (`.data =` keeps the Parameter but moves its
+        data); and the
         holders themselves, which the cache keeps alive so that no id is reused while it stands."""
         holders, ptrs = [], []
         mods = self._modules
@@ -159,12 +161,16 @@ class Gemma3Block(nn.Module):
             else:
                 w = lin._parameters["weight"]
                 holders.append(w)
-                ptrs.append(w.data_ptr())
+                ptrs += (w.data_ptr(), w.dtype, w.shape)
         for name in self._NORMS:
             w = mods[name]._parameters.get("weight")
             holders.append(w)
-            ptrs.append(w.data_ptr() if w is not None else 0)
+            ptrs += (w.data_ptr(), w.dtype, w.shape) if w is not None else (0,)
         return [*map(id, holders), *ptrs], holders
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_block_cache", None)  # tensors move (`.to()`): let the old ones go
+        return super()._apply(fn, *args, **kwargs)
 
     def _block_args(self, fast):
         """The block's weights and norms for kernels/block.c, built once per set of weights (None: a weight

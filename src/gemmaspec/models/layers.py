@@ -68,9 +68,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight.linear(x)
-        fast = fused_ops(x)
-        if fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.weight.dtype == torch.float32:
-            return fast.linear_float(self.weight, x.contiguous())
+        fast = fused_ops(x, (torch.float32, torch.bfloat16))
+        if (fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS
+                and self.weight.dtype in (torch.float32, torch.bfloat16) and self.weight.is_contiguous()):
+            # decode / verification: each row on its own whatever M is (PyTorch's GEMM promises no such thing)
+            return fast.linear_float(self.weight, x.float().contiguous()).to(x.dtype)
         return F.linear(x, self.weight)
 
 

@@ -57,11 +57,11 @@ class BF16Weight(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ W^T -> [..., N] in x's dtype."""
-        if (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.w.is_cpu
-                and not (x.requires_grad and torch.is_grad_enabled())):
-            k = kernels.load()
+        if (x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS
+                and self.w.is_cpu and not (x.requires_grad and torch.is_grad_enabled())):
+            k = kernels.load()  # decode / verification: each row on its own whatever M is (PyTorch's GEMM: no)
             if k is not None:
-                return k.linear_float(self.w, x.contiguous())
+                return k.linear_float(self.w, x.float().contiguous()).to(x.dtype)
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         if x2.dtype == torch.bfloat16:
