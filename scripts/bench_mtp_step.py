@@ -8,7 +8,8 @@ heads of 256 over the target's single KV head, MLP 2048, and a centroid head (20
 
 Target step = one forward of one token at the end of a prompt + its logits (then rolled back). Draft step = the
 marginal cost of one more drafted token, (t(k=K) - t(k=1)) / (K - 1); round overhead = t(k=1) - one step (views of
-the cache, mask, RoPE, and the first step's cold reads after a target step); per token at K = t(k=K) / K. Medians of
+the cache, mask, RoPE, and the first step's cold reads after a target step); per token at K = t(k=K) / K; a
+verification pass over T = k + 1 tokens against one target step. Medians of
 interleaved repetitions; the machine is shared, so only ratios measured side by side mean anything.
 
 The target loads as `gemmaspec generate` would (`--weights auto`: the GGUF's packed int4/int8 on CPUs where the
@@ -77,6 +78,9 @@ def random_drafter(target, layers: int, centroids: bool, weights: str | None = N
     return drafter
 
 
+VERIFY_TOKENS = (2, 3, 5, 9)  # target passes over k + 1 tokens, timed against one token's
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
@@ -127,13 +131,16 @@ def main() -> None:
         ctx = DraftContext(prompt, model, cache, hidden, SamplingParams())
         drafter.reset(prompt, SamplingParams(), cache.capacity)
 
-        def target_step():
+        def target_step(tokens=last):
             t = time.perf_counter()
-            h = model(last, cache)
+            h = model(tokens, cache)
             model.logits(h).argmax(-1)
             dt = time.perf_counter() - t
             cache.rollback(length)
             return dt
+
+        # verification passes: the last prompt token + T - 1 drafted ones
+        passes = {T: torch.cat([last, torch.tensor(prompt[:T - 1])]) for T in VERIFY_TOKENS}
 
         def draft(k):
             t = time.perf_counter()
@@ -143,10 +150,13 @@ def main() -> None:
         for _ in range(3):  # warm up
             target_step(), draft(1), draft(K)
         ts, d1, dk = [], [], []
+        verify = {T: [] for T in VERIFY_TOKENS}
         for _ in range(args.reps):
             ts.append(target_step())
             d1.append(draft(1))
             dk.append(draft(K))
+            for T, tokens in passes.items():
+                verify[T].append(target_step(tokens))
 
     t_target = statistics.median(ts)
     t_one, t_k = statistics.median(d1), statistics.median(dk)
@@ -166,6 +176,7 @@ def main() -> None:
         "draft_step_over_target_step": round(step / t_target, 4),
         f"draft_per_token_k{K}_over_target_step": round(t_k / K / t_target, 4),
         "draft_round_k1_over_target_step": round(t_one / t_target, 4),
+        "verify_pass_over_target_step": {T: round(statistics.median(v) / t_target, 3) for T, v in verify.items()},
     }
     if args.json:
         print(json.dumps(result))
