@@ -17,9 +17,14 @@ def test_ring_slots_hold_their_positions_through_wraps_and_rollbacks():
         n = rng.choice([1, 1, 2, 3, 4, 9])  # 9 > ring - window: the concat (prefill) branch
         positions = cache.begin(n)
         kv = positions.float()[None, :, None].expand(1, n, 2)  # K = V = the position number
-        for layer in range(2):
-            cache.update(layer, kv, kv)
+        views = [cache.update(layer, kv, kv) for layer in range(2)]
         cache.end()
+        for layer, window in ((0, 4), (1, None)):  # each query sees exactly its window, whichever branch ran
+            view = views[layer]
+            for t, q in enumerate(positions.tolist()):
+                seen = view.keys[0, :, 0] if view.mask is None else view.keys[0, view.mask[t], 0]
+                lo = 0 if window is None else max(0, q - window + 1)
+                assert sorted(seen.tolist()) == list(range(lo, q + 1)), (layer, q)
         if rng.random() < 0.3:
             cache.rollback(cache.length - rng.randint(0, min(3, n)))
         keys, values, slot_pos = cache.layer_kv(0)

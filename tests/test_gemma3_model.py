@@ -192,3 +192,19 @@ def test_hidden_states_do_not_depend_on_the_cache_capacity(tmp_path, dtype):
             outs += [model(ids[at:at + 1], cache) for at in range(120, 140)]
         runs.append(torch.cat(outs))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_bfloat16_prefill_stays_close_to_float32(tiny_gemma3_dir):
+    """A long bfloat16 prefill (the quantized matmuls as a bfloat16 GEMM where the CPU computes it natively) gives
+    the float32 model's next-token logits up to bfloat16 rounding."""
+    from gemmaspec.loading import load_model
+
+    ids = torch.randint(4, 96, (70,), generator=torch.Generator().manual_seed(9))
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(str(tiny_gemma3_dir), dtype=dtype, device="cpu", weights="int8").model
+        with torch.inference_mode():
+            logits[dtype] = model.logits(model(ids, model.new_cache(80))).float()
+    err = (logits["bfloat16"] - logits["float32"]).abs().max().item()
+    assert err < 0.05 * logits["float32"].abs().max().item(), err
+    assert (logits["bfloat16"].argmax(-1) == logits["float32"].argmax(-1)).float().mean() > 0.9

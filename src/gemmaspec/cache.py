@@ -99,12 +99,14 @@ class KVCache:
             # Writing first is safe: the overwritten slots are older than every query's window.
             self._write_ring(kbuf, vbuf, k, v, step)
             return AttentionView(kbuf, vbuf, step.ring_mask(window))
-        # Long forward (prefill): attend to the old ring plus the new tokens, then keep the newest.
-        keys = torch.cat([kbuf, k], dim=1)
-        values = torch.cat([vbuf, v], dim=1)
-        view = AttentionView(keys, values, step.concat_mask(window))
+        # Long forward (prefill): attend to the old keys still in the window (in position order, none for a first
+        # prefill) plus the new tokens, then keep the newest in the ring.
+        old_pos, mask = step.concat_view(window)
+        slots = old_pos % self.ring_size
+        keys = torch.cat([kbuf[:, slots], k], dim=1)
+        values = torch.cat([vbuf[:, slots], v], dim=1)
         self._write_ring(kbuf, vbuf, k, v, step)
-        return view
+        return AttentionView(keys, values, mask)
 
     def block_target(self, layer: int):
         """For a kernel that writes this forward's K/V itself (kernels/block.c): (keys, values, slots int64 [T],
@@ -195,13 +197,15 @@ class _Step:
             self._masks[key] = _window_mask(self.positions, slot_pos, window)
         return self._masks[key]
 
-    def concat_mask(self, window: int):
+    def concat_view(self, window: int):
+        """For a long forward: the positions of the cached keys its first query still sees (the ring keeps them:
+        window + spec_margin slots, and a rolled-back write only overwrote older ones), and the mask over those
+        keys followed by the new ones."""
         key = ("concat", window)
         if key not in self._masks:
-            slot_pos = self.cache.slot_pos.clone()
-            slot_pos[slot_pos >= self.start] = -1
-            key_pos = torch.cat([slot_pos, self.positions])
-            self._masks[key] = _window_mask(self.positions, key_pos, window)
+            old_pos = torch.arange(max(0, self.start - window + 1), self.start, device=self.positions.device)
+            key_pos = torch.cat([old_pos, self.positions])
+            self._masks[key] = (old_pos, _window_mask(self.positions, key_pos, window))
         return self._masks[key]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16(device: torch.device) -> bool:
     """True where bfloat16 matmuls run in hardware (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
     if device.type == "cuda":

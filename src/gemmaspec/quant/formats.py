@@ -132,12 +132,16 @@ class QuantizedWeight(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float().contiguous()
         k = kernels.load()
-        if k is not None and xf.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group:
-            return k.linear(self, xf)
-        # Large M (prefill): dequantize blocks of rows and use the float32 GEMM, which is compute-bound there.
-        y = torch.empty(xf.shape[0], self.out_features, dtype=torch.float32)
+        if k is not None and x.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group:
+            return k.linear(self, x.float().contiguous())
+        # Large M (prefill): dequantize blocks of rows and use a GEMM, which is compute-bound there: bfloat16 for a
+        # bfloat16 model on a CPU that computes it natively (4-5x the float32 GEMM's rate on Zen 4), else float32.
+        from ..loading import native_bf16
+
+        gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and native_bf16(x.device) else torch.float32
+        xg = x.to(gemm_dtype).contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=gemm_dtype)
         block = min(DEQUANT_BLOCK_ROWS, self.out_features)
         buf = torch.empty(block, self.in_features, dtype=torch.float32) if k is not None else None
         for start in range(0, self.out_features, block):
@@ -146,7 +150,7 @@ class QuantizedWeight(nn.Module):
                 w = k.dequant(self, start, n, out=buf[:n])
             else:
                 w = self.dequantize(slice(start, start + n), torch.float32)
-            y[:, start:start + n] = xf @ w.t()
+            y[:, start:start + n] = xg @ w.to(gemm_dtype).t()
         return y
 
     def _linear_cuda(self, x: torch.Tensor) -> torch.Tensor:
