@@ -73,7 +73,7 @@ class Linear(nn.Module):
                 and self.weight.dtype in (torch.float32, torch.bfloat16) and self.weight.is_contiguous()):
             # decode / verification: each row on its own whatever M is (PyTorch's GEMM promises no such thing)
             return fast.linear_float(self.weight, x.float().contiguous()).to(x.dtype)
-        return F.linear(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight)  # (float32 LM-head input next to bfloat16 weights)
 
 
 def rope_inv_freq(head_dim: int, theta: float, factor: float = 1.0, rotary_dim: int | None = None) -> torch.Tensor:
@@ -148,8 +148,10 @@ def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lm_logits(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """float32 logits through the (tied) LM head, with Gemma's optional final tanh soft-capping."""
-    logits = lm_head(hidden).float()
+    """float32 logits through the (tied) LM head, with Gemma's optional final tanh soft-capping. On the CPU the head
+    takes float32 activations whatever the model's dtype: its kernels compute in float32 anyway, and bfloat16
+    logits (8 significant bits) would blur the target's distribution and tie its argmax."""
+    logits = lm_head(hidden.float() if hidden.device.type == "cpu" else hidden).float()
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
