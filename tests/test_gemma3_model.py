@@ -208,3 +208,20 @@ def test_bfloat16_prefill_stays_close_to_float32(tiny_gemma3_dir):
     err = (logits["bfloat16"] - logits["float32"]).abs().max().item()
     assert err < 0.05 * logits["float32"].abs().max().item(), err
     assert (logits["bfloat16"].argmax(-1) == logits["float32"].argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("weights", ["float", "bf16", "int8"])
+def test_bfloat16_model_gives_float32_logits(tiny_gemma3_dir, weights):
+    """For decode and verification (up to kernels.MAX_ROWS rows) the LM head of a bfloat16 model on the CPU
+    computes in float32 and is not rounded to bfloat16 (8 bits of mantissa would blur the sampling distribution
+    and tie the argmax)."""
+    from gemmaspec.loading import load_model
+
+    model = load_model(str(tiny_gemma3_dir), dtype="bfloat16", device="cpu", weights=weights).model
+    ids = torch.randint(4, 96, (40,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        hidden = model(ids, model.new_cache(48))
+        for rows in (hidden[-1:], hidden[-5:], hidden[-kernels.MAX_ROWS:]):
+            logits = model.logits(rows)
+            assert logits.dtype == torch.float32
+            assert not torch.equal(logits, logits.bfloat16().float())

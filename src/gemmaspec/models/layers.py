@@ -149,8 +149,9 @@ def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
 
 def lm_logits(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """float32 logits through the (tied) LM head, with Gemma's optional final tanh soft-capping. On the CPU the head
-    takes float32 activations whatever the model's dtype: its kernels compute in float32 anyway, and bfloat16
-    logits (8 significant bits) would blur the target's distribution and tie its argmax."""
+    takes float32 activations whatever the model's dtype: its kernels (decode and verification rows) compute in
+    float32 anyway, and bfloat16 logits (8 significant bits) would blur the target's distribution and tie its
+    argmax. Longer calls (perplexity, training) with a plain bfloat16 table run a bfloat16 GEMM."""
     logits = lm_head(hidden.float() if hidden.device.type == "cpu" else hidden).float()
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
