@@ -231,3 +231,25 @@ def test_load_reports_missing_and_unexpected_tensors():
         ours.load_hf_state(missing)
     with pytest.raises(ModelFileError, match="unexpected"):
         ours.load_hf_state({**state, "model.layers.0.self_attn.bogus.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name", ["sliding_full_rope", "moe", "all"])
+def test_bfloat16_verification_chunks_equal_single_steps(name):
+    """In bfloat16 on the CPU (dtype auto on bf16-native CPUs), a verification chunk gives bit for bit the logits
+    of one-token steps: speculation over Gemma 4 stays exact."""
+    cfg, hf, _ = make_pair(name)
+    model = Gemma4Model(Gemma4Config.from_hf(cfg.to_dict()))
+    model.load_hf_state({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in hf.state_dict().items()})
+    model.eval()
+    assert model.dtype == torch.bfloat16
+    ids = torch.randint(3, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
+
+    def run(chunk: int) -> torch.Tensor:
+        cache = model.new_cache(64, spec_margin=8)
+        with torch.no_grad():
+            model(ids[:10], cache)
+            return torch.cat([model.logits(model(ids[at:at + chunk], cache)) for at in range(10, 30, chunk)])
+
+    single = run(1)
+    for chunk in (4, 5):
+        assert torch.equal(run(chunk), single), chunk

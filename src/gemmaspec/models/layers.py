@@ -100,14 +100,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> torch.Tensor | None:
-    """Attention of float32 q [Hq, T, D] over keys/values [n_kv, S, D] (float32, or a bfloat16 cache) through the C
-    kernel -> [T, Hq * Dv] float32, or None where it does not apply (mask: boolean [T, S] or None)."""
-    fast = fused_ops(q)
+    """Attention of q [Hq, T, D] over keys/values [n_kv, S, D] (float32 or bfloat16) through the C kernel, computed in
+    float32 -> [T, Hq * Dv] in q's dtype, or None where it does not apply (mask: boolean [T, S] or None). Each query
+    is computed on its own, so decode and verification agree bit for bit (PyTorch's SDPA does not promise it)."""
+    fast = fused_ops(q, (torch.float32, torch.bfloat16))
     T, S = q.shape[1], keys.shape[1]
     if (fast is not None and T <= kernels.MAX_ROWS and q.stride(-1) == 1 and keys.dtype == values.dtype
             and all(t.dtype in (torch.float32, torch.bfloat16) and t.stride(-1) == 1 for t in (keys, values))
             and (mask is None or (mask.dtype == torch.bool and mask.shape == (T, S) and mask.is_contiguous()))):
-        return fast.attention(q, keys, values, mask, scale)
+        return fast.attention(q.float(), keys, values, mask, scale).to(q.dtype)
     return None
 
 
