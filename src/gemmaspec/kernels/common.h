@@ -26,7 +26,18 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+// element i of a float32 (EB = 32) or bfloat16 (EB = 16) array as float32 (widening is exact); f32x8: 8 from i
+static inline float f32_at(const int EB, const void *p, int64_t i) {
+    return EB == 32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
 #ifdef GS_AVX2
+static inline __attribute__((always_inline)) __m256 f32x8_at(const int EB, const void *p, int64_t i) {
+    if (EB == 32) return _mm256_loadu_ps((const float *)p + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));

@@ -107,8 +107,9 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
 // One weight row at a time keeps the weights a single sequential stream (interleaving several rows halved
 // the DRAM read rate on Zen 3); with groups of 16 or 32 every weight vector is widened once for all rows of x
 // in the tile. BITS, G (group size 16 or 32; 0: read g, a multiple of 32 up to MAX_GROUP) and the tile's row
-// count are constants at each call site. int32 sums cannot overflow: a group adds at most MAX_GROUP products of |q| <= 128 and |xq| <= 32767
-// (2^31 - 65536 in the portable path's single sum; less per AVX2 lane). Do not raise MAX_GROUP.
+// count are constants at each call site. int32 sums cannot overflow: a group adds at most MAX_GROUP products of
+// |q| <= 128 and |xq| <= 32767 (2^31 - 65536 in the portable path's single sum; less per AVX2 lane). Do not
+// raise MAX_GROUP.
 #define MT 4
 #if defined(__AVX512VL__)
 #define QMT 8  // rows of x per int8/int4 tile: with 32 vector registers the accumulators of 8 rows fit
@@ -362,13 +363,7 @@ int gsq_max_group(void) { return MAX_GROUP; }
 // registers: half the bytes, for CPUs without bf16 arithmetic). The same tiling: each weight row is read once per
 // call and dotted with up to MT rows of x, every row accumulated in the same order whatever M is (two 8-lane
 // accumulators over 16-value steps, then an 8-value step, then scalars).
-#define WLOAD1(WB, w, k) ((WB) == 32 ? ((const float *)(w))[k] : bf16_to_f32(((const uint16_t *)(w))[k]))
 #ifdef GS_AVX2
-static inline __attribute__((always_inline)) __m256 wload8(const int WB, const void *w, int k) {
-    if (WB == 32) return _mm256_loadu_ps((const float *)w + k);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 static inline __attribute__((always_inline)) void tile_float(const int WB, const void *w, int K, const float *x,
                                                              const int mt, float *r) {
@@ -377,20 +372,20 @@ static inline __attribute__((always_inline)) void tile_float(const int WB, const
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         if (k % 64 == 0) _mm_prefetch((const char *)w + (size_t)(2 * K + k) * (WB / 8), _MM_HINT_T0);  // 2 rows ahead
-        const __m256 w0 = wload8(WB, w, k), w1 = wload8(WB, w, k + 8);
+        const __m256 w0 = f32x8_at(WB, w, k), w1 = f32x8_at(WB, w, k + 8);
         for (int m = 0; m < mt; m++) {
             a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)m * K + k), a0[m]);
             a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + (size_t)m * K + k + 8), a1[m]);
         }
     }
     if (k + 8 <= K) {
-        const __m256 w0 = wload8(WB, w, k);
+        const __m256 w0 = f32x8_at(WB, w, k);
         for (int m = 0; m < mt; m++) a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)m * K + k), a0[m]);
         k += 8;
     }
     for (int m = 0; m < mt; m++) {
         float t = hsum(_mm256_add_ps(a0[m], a1[m]));
-        for (int kk = k; kk < K; kk++) t += WLOAD1(WB, w, kk) * x[(size_t)m * K + kk];
+        for (int kk = k; kk < K; kk++) t += f32_at(WB, w, kk) * x[(size_t)m * K + kk];
         r[m] = t;
     }
 }
@@ -398,7 +393,7 @@ static inline __attribute__((always_inline)) void tile_float(const int WB, const
 static void tile_float(const int WB, const void *w, int K, const float *x, const int mt, float *r) {
     for (int m = 0; m < mt; m++) {
         float t = 0.0f;
-        for (int k = 0; k < K; k++) t += WLOAD1(WB, w, k) * x[(size_t)m * K + k];
+        for (int k = 0; k < K; k++) t += f32_at(WB, w, k) * x[(size_t)m * K + k];
         r[m] = t;
     }
 }

@@ -32,22 +32,25 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif
 
-static inline float dot(const float *a, const float *b, int n) {
+// a . b for float32 a and a float32 (EB = 32) or bfloat16 (EB = 16) b, in one fixed order
+static inline __attribute__((always_inline)) float dot_eb(const int EB, const float *a, const void *b, int n) {
 #ifdef GS_AVX2
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), f32x8_at(EB, b, i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), f32x8_at(EB, b, i + 8), acc1);
     }
     float t = hsum(_mm256_add_ps(acc0, acc1));
 #else
     float t = 0.0f;
     int i = 0;
 #endif
-    for (; i < n; i++) t += a[i] * b[i];
+    for (; i < n; i++) t += a[i] * f32_at(EB, b, i);
     return t;
 }
+
+static inline float dot(const float *a, const float *b, int n) { return dot_eb(32, a, b, n); }
 
 // ---- RMSNorm --------------------------------------------------------------------------------------------
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (+ add[r]); rows `stride` floats apart, w may be NULL (= 1).
@@ -98,43 +101,13 @@ void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const
 // float32 or bfloat16 (kv_bf16: a bfloat16 cache, widened exactly in registers; q and out stay float32).
 // Scores of every slot, exponentials and sums are taken in slot order, so a query's result depends only on
 // its own valid slots.
-static inline float kv_at(const int KB, const void *p, int64_t i) {
-    return KB == 32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
-}
-#ifdef GS_AVX2
-static inline __m256 kv_load8(const int KB, const void *p, int64_t i) {
-    if (KB == 32) return _mm256_loadu_ps((const float *)p + i);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-#endif
-
-// dot() of a float32 q with one float32 / bfloat16 key row (the same order as dot())
-static inline __attribute__((always_inline)) float kv_dot(const int KB, const float *a, const void *b, int n) {
-    if (KB == 32) return dot(a, (const float *)b, n);
-#ifdef GS_AVX2
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv_load8(KB, b, i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), kv_load8(KB, b, i + 8), acc1);
-    }
-    float t = hsum(_mm256_add_ps(acc0, acc1));
-#else
-    float t = 0.0f;
-    int i = 0;
-#endif
-    for (; i < n; i++) t += a[i] * kv_at(KB, b, i);
-    return t;
-}
-
 static inline __attribute__((always_inline)) void attend_one(const int KB, const float *q, const void *K, int64_t ks,
         const void *V, int64_t vs, int S, int hd, int vd, const uint8_t *mask, float scale, float *scores, float *out) {
     const size_t eb = KB / 8;  // bytes per cache element
     float mx = -INFINITY;
     for (int s = 0; s < S; s++) {
         if (mask && !mask[s]) { scores[s] = -INFINITY; continue; }
-        scores[s] = kv_dot(KB, q, (const char *)K + (size_t)s * ks * eb, hd) * scale;
+        scores[s] = dot_eb(KB, q, (const char *)K + (size_t)s * ks * eb, hd) * scale;
         if (scores[s] > mx) mx = scores[s];
     }
     for (int i = 0; i < vd; i++) out[i] = 0.0f;
@@ -162,9 +135,9 @@ static inline __attribute__((always_inline)) void attend_one(const int KB, const
 #ifdef GS_AVX2
         const __m256 vp = _mm256_set1_ps(p);
         for (; i + 8 <= vd; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, kv_load8(KB, v, i), _mm256_loadu_ps(out + i)));
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, f32x8_at(KB, v, i), _mm256_loadu_ps(out + i)));
 #endif
-        for (; i < vd; i++) out[i] += p * kv_at(KB, v, i);
+        for (; i < vd; i++) out[i] += p * f32_at(KB, v, i);
     }
     const float inv = 1.0f / sum;
     for (int i = 0; i < vd; i++) out[i] *= inv;

@@ -149,8 +149,7 @@ class Gemma3Block(nn.Module):
         """What the C block's raw pointers depend on, read cheaply (once per block and step): the id of each
         weight's holder (a Parameter, or a packed weight module and its buffers, which `.to()` and format changes
         replace) and every Parameter's data pointer, dtype and shape (`.data =` keeps the Parameter but moves its
-        data); and the
-        holders themselves, which the cache keeps alive so that no id is reused while it stands."""
+        data); and the holders themselves, which the cache keeps alive so that no id is reused while it stands."""
         holders, ptrs = [], []
         mods = self._modules
         for name in self._LINEARS:
