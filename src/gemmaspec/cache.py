@@ -95,8 +95,7 @@ class KVCache:
             kbuf[:, step.start : end] = k
             vbuf[:, step.start : end] = v
             return AttentionView(kbuf[:, :end], vbuf[:, :end], step.full_mask())
-        if step.n_new <= self.ring_size - window:
-            # Writing first is safe: the overwritten slots are older than every query's window.
+        if self._fits_ring(step, window):
             self._write_ring(kbuf, vbuf, k, v, step)
             return AttentionView(kbuf, vbuf, step.ring_mask(window))
         # Long forward (prefill): attend to the old keys still in the window (in position order, none for a first
@@ -116,9 +115,14 @@ class KVCache:
         window = self.specs[layer].window
         if window is None:
             return self.keys[layer], self.values[layer], step.positions, step.start + step.n_new, step.full_mask()
-        if step.n_new > self.ring_size - window:
+        if not self._fits_ring(step, window):
             return None
         return self.keys[layer], self.values[layer], step.ring_slots()[0], self.ring_size, step.ring_mask(window)
+
+    def _fits_ring(self, step, window: int) -> bool:
+        """Whether this forward's K/V can go into the ring before attention: the slots it overwrites are then older
+        than every query's window (a decode or verification step; a long prefill attends old keys + new)."""
+        return step.n_new <= self.ring_size - window
 
     @staticmethod
     def _write_ring(kbuf, vbuf, k, v, step) -> None:
