@@ -98,9 +98,13 @@ def test_bfloat16_activations_and_leading_dims(bits):
 @pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("K, group", [(640, 32), (672, 32), (96, 16), (448, 64)])  # leftover groups, G = 0 path
-def test_kernel_rows_do_not_depend_on_M(bits, K, group):
-    """Each row of x is accumulated in the same order whatever M is: verification logits equal decode ones."""
+@pytest.mark.parametrize("f32_scales", [False, True])  # float32: the GGUF K-quants' scales
+def test_kernel_rows_do_not_depend_on_M(bits, K, group, f32_scales):
+    """Each row of x is accumulated in the same order whatever M is (one row of x takes a path of its own, four
+    weight rows at a time; N = 257 leaves one over): verification logits equal decode ones."""
     qw = quantize(_weight(N=257, K=K), bits, group=group)
+    if f32_scales:
+        qw = QuantizedWeight(bits, qw.q, qw.scales.float(), None if qw.bias is None else qw.bias.float(), group, K)
     x = torch.randn(33, K)
     full = qw.linear(x)
     for m in range(33):
