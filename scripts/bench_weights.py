@@ -10,8 +10,11 @@ int8/int4 mix), same prompts, formats interleaved round by round, medians; next 
 when `llama-cpp-python` is installed. Each is also given as a fraction of its bandwidth limit = measured read
 bandwidth / bytes of weights read per token (every matrix once; the tied embedding once, as the LM head).
 
-Quality: greedy tokens of each format against float32 on the same prompts (fraction of positions equal, and
-the common prefix), and perplexity on a held-out text of a few hundred tokens (model forward + logits).
+Quality, against bf16 weights (the unquantized model in the dtype users get) on the prompts of the bench suite
+(`gemmaspec bench`'s 61 prompts, six categories): greedy continuations of each format compared position by
+position with bf16's (free-running: one early difference changes everything after it) and with the common
+prefix; teacher-forced agreement, the fraction of bf16's greedy tokens that the format also ranks first given
+the same preceding tokens; and perplexity on a held-out text of a few hundred tokens (model forward + logits).
 
 Machines are shared and noisy: quote the ratios measured side by side, not a lone absolute number.
 """
@@ -100,9 +103,9 @@ def load_format(fmt: str):
     return target, time.perf_counter() - t
 
 
-def decode_tps(engine, prompt: str, max_new: int) -> tuple[float, list[int]]:
+def decode_tps(engine, prompt: str, max_new: int) -> float:
     result = engine.generate(prompt, max_new_tokens=max_new)
-    return result.stats.new_tokens / result.stats.decode_seconds, result.token_ids
+    return result.stats.new_tokens / result.stats.decode_seconds
 
 
 def llama_cpp_tps(path, prompts: list[str], max_new: int, repeats: int, threads: int) -> dict | None:
@@ -138,11 +141,42 @@ def perplexity(target, text: str, chunk: int = 64) -> float:
     return math.exp(nll / (len(ids) - 1)), len(ids) - 1
 
 
+def teacher_forced_agreement(target, prompt_ids: list[int], ref: list[int]) -> tuple[int, int]:
+    """(positions where `target` ranks ref's token first given ref's preceding tokens, len(ref))."""
+    model = target.model
+    ids = list(prompt_ids) + list(ref)
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids), model.new_cache(len(ids) + 8))
+        pred = model.logits(hidden[len(prompt_ids) - 1:len(ids) - 1]).argmax(-1).tolist()
+    return sum(a == b for a, b in zip(pred, ref)), len(ref)
+
+
 def agreement(ref: list[int], got: list[int]) -> tuple[float, int]:
     n = min(len(ref), len(got))
     same = sum(a == b for a, b in zip(ref, got))
     prefix = next((i for i in range(n) if ref[i] != got[i]), n)
     return same / max(1, max(len(ref), len(got))), prefix
+
+
+def quality(engines: dict, results: dict, max_new: int, limit: int | None) -> None:
+    """Agreement with the reference format (bf16 when measured) on the bench suite, and perplexity."""
+    from gemmaspec.bench.suite import load_prompts
+
+    ref_fmt = "bf16" if "bf16" in engines else next(iter(engines))
+    ref_engine = engines[ref_fmt]
+    prompts = load_prompts(limit=limit)
+    encoded = [ref_engine.encode_prompt(p.prompt, chat=p.chat) for p in prompts]
+    outputs = {fmt: [engine.generate(list(ids), max_new_tokens=max_new).token_ids for ids in encoded]
+               for fmt, engine in engines.items()}
+    for fmt, engine in engines.items():
+        pairs = [agreement(ref, got) for ref, got in zip(outputs[ref_fmt], outputs[fmt])]
+        forced = [teacher_forced_agreement(engine.target, ids, ref) for ids, ref in zip(encoded, outputs[ref_fmt])]
+        ppl, n = perplexity(engine.target, HELD_OUT)
+        results[fmt].update(quality_reference=ref_fmt, quality_prompts=len(prompts),
+                            greedy_agreement=statistics.mean(f for f, _ in pairs),
+                            common_prefix=statistics.mean(p for _, p in pairs),
+                            teacher_forced_agreement=sum(a for a, _ in forced) / max(1, sum(n for _, n in forced)),
+                            perplexity=ppl, perplexity_tokens=n)
 
 
 # ---- kernel micro-benchmark -------------------------------------------------------------------------------
@@ -219,6 +253,8 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kernels", action="store_true", help="run the matmul micro-benchmark instead")
     p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--quality-tokens", type=int, default=48, help="greedy tokens per suite prompt for agreement")
+    p.add_argument("--quality-limit", type=int, default=None, help="only the first N suite prompts per category")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -253,13 +289,10 @@ def main():
         engine.generate(PROMPTS[0], max_new_tokens=4)
 
     rates = {fmt: [] for fmt in formats}
-    tokens = {fmt: {} for fmt in formats}
     for _ in range(args.repeats):
-        for i, prompt in enumerate(PROMPTS):
+        for prompt in PROMPTS:
             for fmt, engine in engines.items():
-                tps, ids = decode_tps(engine, prompt, args.max_new_tokens)
-                rates[fmt].append(tps)
-                tokens[fmt][i] = ids
+                rates[fmt].append(decode_tps(engine, prompt, args.max_new_tokens))
     results = {}
     for fmt in formats:
         tps = statistics.median(rates[fmt])
@@ -275,22 +308,22 @@ def main():
                                     fraction_of_limit=llama["tokens_per_second"] / limit)
 
     if not args.no_quality:
-        ref_fmt = "float32" if "float32" in formats else formats[0]
-        for fmt in formats:
-            fracs, prefixes = zip(*(agreement(tokens[ref_fmt][i], tokens[fmt][i]) for i in tokens[fmt]))
-            ppl, n = perplexity(engines[fmt].target, HELD_OUT)
-            results[fmt].update(greedy_agreement=statistics.mean(fracs), common_prefix=statistics.mean(prefixes),
-                                perplexity=ppl, perplexity_tokens=n)
+        quality(engines, results, args.quality_tokens, args.quality_limit)
 
     base = results.get("float32", {}).get("tokens_per_second")
     print(f"\nplain decoding, default model, {args.max_new_tokens} new tokens x {len(PROMPTS)} prompts x "
           f"{args.repeats} rounds, medians; {threads} threads; bandwidth {bandwidth:.1f} GB/s")
-    print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | agree w/ f32 | prefix | ppl | load s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    ref = next((r["quality_reference"] for r in results.values() if "quality_reference" in r), None)
+    if ref:
+        n = next(r["quality_prompts"] for r in results.values() if "quality_prompts" in r)
+        print(f"agreement with {ref} weights on {n} bench-suite prompts x {args.quality_tokens} greedy tokens: "
+              "free-running (positions equal) / common prefix / teacher-forced")
+    print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | agree | prefix | forced | ppl | load s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         vs = f"{r['tokens_per_second'] / base:.2f}x" if base else "-"
-        q = (f"{r['greedy_agreement']:.0%} | {r['common_prefix']:.1f} | {r['perplexity']:.2f}"
-             if "perplexity" in r else "- | - | -")
+        q = (f"{r['greedy_agreement']:.0%} | {r['common_prefix']:.1f} | {r['teacher_forced_agreement']:.1%} | "
+             f"{r['perplexity']:.2f}" if "perplexity" in r else "- | - | - | -")
         print(f"| {name} | {r['bytes_per_token'] / 1e6:.0f} | {r['tokens_per_second']:.1f} | {vs} | "
               f"{r['limit_tokens_per_second']:.1f} | {r['fraction_of_limit']:.0%} | {q} | "
               f"{r.get('load_seconds', float('nan')):.1f} |")

@@ -254,3 +254,61 @@ def test_quantized_greedy_equals_plain_decoding(quantized_tiny, drafter, k):
         got = spec.generate(prompt, max_new_tokens=40)
         assert got.token_ids == want
         assert got.stats.new_tokens == 40
+
+
+# ---- int4 fitted with activation importance (quant/calibrate.py) -------------------------------------------
+def test_int4_importance_lowers_the_output_error_on_real_inputs():
+    """Inputs where a few features run 10x larger (as in real activations): weighing the int4 fit by the features'
+    mean square lowers the layer's output error on them, against the unweighted fit of the same weights."""
+    w = _weight(N=256, K=128)
+    g = torch.Generator().manual_seed(3)
+    scale = torch.ones(128)
+    scale[::8] = 10.0
+    x = torch.randn(512, 128, generator=g) * scale
+    ref = x.double() @ w.double().t()
+
+    def output_error(qw):
+        return ((x.double() @ qw.dequantize(dtype=torch.float32).double().t() - ref) ** 2).mean().item()
+
+    plain, weighted = quantize(w, 4), quantize(w, 4, importance=(x * x).mean(0))
+    assert output_error(weighted) < 0.7 * output_error(plain)
+    uniform = quantize(w, 4, importance=torch.full((128,), 3.0))  # equal weights: the unweighted fit
+    assert torch.equal(uniform.q, plain.q) and torch.equal(uniform.scales, plain.scales)
+
+
+def _long_text(tokenizer) -> str:
+    words = [tokenizer.decode([i]).strip() for i in range(10, 60)]
+    return " ".join(w for w in words if w) * 3
+
+
+def test_activation_importance_is_the_mean_square_of_each_linear_input(tiny_gemma3_dir):
+    from gemmaspec.models.layers import Linear
+    from gemmaspec.quant.calibrate import SEQ_LEN, activation_importance
+
+    target = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights="float")
+    model, tok = target.model, target.tokenizer
+    text = _long_text(tok)
+    ids = tok.encode(text, add_bos=True)[:SEQ_LEN]
+    assert len(ids) > kernels.MAX_ROWS
+    imp = activation_importance(model, tok, [text])
+    assert set(imp) == {name for name, m in model.named_modules() if isinstance(m, Linear)}
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids), model.new_cache(len(ids) + 8))
+        first = model.layers[0].input_layernorm(model.embed(torch.tensor(ids)))
+    assert torch.allclose(imp["lm_head"], (hidden.double() ** 2).mean(0).float(), rtol=1e-5)
+    assert torch.allclose(imp["layers.0.qkv_proj"], (first.double() ** 2).mean(0).float(), rtol=1e-5)
+
+
+def test_importance_is_measured_once_per_file(tiny_gemma3_dir, tmp_path, monkeypatch):
+    from gemmaspec.quant.calibrate import cached_importance
+
+    monkeypatch.setenv("GEMMASPEC_CACHE", str(tmp_path))
+    target = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights="float")
+    first = cached_importance(tiny_gemma3_dir, lambda: target.model, target.tokenizer)
+
+    def no_model():
+        raise AssertionError("measured again")
+    again = cached_importance(tiny_gemma3_dir, no_model, target.tokenizer)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    int4 = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights="int4")  # uses the cached one
+    assert int4.model.layers[0].qkv_proj.qweight.bits == 4

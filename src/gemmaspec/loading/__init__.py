@@ -105,17 +105,18 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     if gguf is not None and weights in ("auto", "int8", "int4"):  # packed straight from the file (issue 9)
         from ..quant import load_gguf_model
 
-        model = load_gguf_model(folder, gguf, weights, torch_dtype, dev, notes)  # None: weights stay float
+        model = load_gguf_model(folder, gguf, weights, torch_dtype, dev, notes, tokenizer)  # None: stays float
     if model is None:
         model = _load_folder(folder, torch_dtype, dev, notes)
-        apply_weight_format(model, weights, notes)
+        apply_weight_format(model, weights, notes, tokenizer, source)
     name = "default" if spec in ("default", "", None) else str(source)
     return LoadedModel(model, tokenizer, name, folder, source, notes)
 
 
-def apply_weight_format(model, weights: str | None, notes: list[str]) -> None:
+def apply_weight_format(model, weights: str | None, notes: list[str], tokenizer=None, source: Path | None = None) -> None:
     """Hold Linear weights as `weights`: `float` / None / `auto` keep the float weights of --dtype; `bf16` holds
-    them in bfloat16 (computed in float32 by our kernel where bf16 arithmetic is not native); int8 / int4."""
+    them in bfloat16 (computed in float32 by our kernel where bf16 arithmetic is not native); int8 / int4 (int4
+    fitted with the activation importance of quant/calibrate.py when `tokenizer` and `source` are given)."""
     if weights in ("auto", "float", None):
         return
     if weights not in ("bf16", "int8", "int4"):
@@ -129,7 +130,12 @@ def apply_weight_format(model, weights: str | None, notes: list[str]) -> None:
         if device.type != "cpu" or kernels.load() is None:
             notes.append("bf16 weights need the CPU kernel here: weights kept in the compute dtype")
             return
-    quantize_model(model, weights, notes)
+    importance = None
+    if weights == "int4" and tokenizer is not None and source is not None:
+        from ..quant.calibrate import cached_importance
+
+        importance = cached_importance(source, lambda: model, tokenizer)
+    quantize_model(model, weights, notes, importance)
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:

@@ -6,6 +6,8 @@ bandwidth; holding weights in 8 or 4 bits raises that bound 4-7x over float32.
 - `formats.py`  the QuantizedWeight format (a Linear's weight and an embedding table) and its matmuls
 - `gguf.py`     GGUF Q8_0 / Q5_0 / Q6_K / Q4_K / Q4_0 tensors repacked exactly, tensor by tensor
 
+- `calibrate.py` the importance of each input feature, measured on text, that weighs int4's fit
+
 `--weights`:  int8 / int4 quantize every Linear and the (tied) embedding; `auto` keeps a quantized GGUF's
 own precision (each tensor in the int format that holds it exactly) on CPUs where the kernel builds, and the
 float `--dtype` everywhere else (float checkpoints, CUDA where float is fast, no C compiler).
@@ -41,8 +43,10 @@ def resolve_weights(weights: str | None, gguf: "object | None", device: torch.de
 
 
 def load_gguf_model(folder: Path, source: Path, weights: str | None, dtype: torch.dtype, device: torch.device,
-                    notes: list[str]):
-    """A model whose weights come packed straight from the GGUF file, or None when they stay float."""
+                    notes: list[str], tokenizer=None):
+    """A model whose weights come packed straight from the GGUF file, or None when they stay float. int4
+    is fitted with the activation importance measured on the file's own precision (calibrate.py; needs
+    `tokenizer`, cached per file)."""
     from ..errors import ModelFileError
     from ..loading import read_config
     from ..models import build_model
@@ -54,27 +58,42 @@ def load_gguf_model(folder: Path, source: Path, weights: str | None, dtype: torc
     fmt = resolve_weights(weights, gguf, device)
     if fmt is None:
         return None
-    model = build_model(read_config(folder))
-    if model.config.model_type != "gemma3_text":
-        raise ModelFileError(f"{source}: packed GGUF loading supports gemma3 only")
-    with torch.no_grad():
-        load_gemma3(model, gguf, BITS.get(fmt), dtype)
+    config = read_config(folder)
+
+    def packed_model(bits, importance=None):
+        model = build_model(config)
+        if model.config.model_type != "gemma3_text":
+            raise ModelFileError(f"{source}: packed GGUF loading supports gemma3 only")
+        with torch.no_grad():
+            load_gemma3(model, gguf, bits, dtype, importance)
+        return model.eval()
+
+    importance = None
+    if fmt == "int4" and tokenizer is not None:
+        from .calibrate import cached_importance
+
+        importance = cached_importance(source, lambda: packed_model(None), tokenizer)  # the file's own values
+    model = packed_model(BITS.get(fmt), importance)
     model.to(device)
-    model.eval()
     notes.append(_note(model, fmt, device))
     return model
 
 
-def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None = None) -> torch.nn.Module:
+def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None = None,
+                   importance: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """Re-hold a float model's weights as `weights` (int8, int4, or bf16 computed in float32) in place, tensor by
-    tensor: every Linear and the (tied) embedding tables."""
+    tensor: every Linear and the (tied) embedding tables. `importance` (calibrate.py, by module name; the tied
+    table takes 'lm_head') weighs the int4 fit."""
     from ..models.layers import Linear
 
     dtype = model.dtype
     group = 1 if weights == "bf16" else GROUP  # what in_features must be a multiple of
+    importance = importance or {}
 
-    def pack(w):
-        return BF16Weight(w, dtype) if weights == "bf16" else quantize(w, BITS[weights], dtype=dtype)
+    def pack(w, name):
+        if weights == "bf16":
+            return BF16Weight(w, dtype)
+        return quantize(w, BITS[weights], dtype=dtype, importance=importance.get(name))
     with torch.no_grad():
         # tables: embeddings (tied to a Linear LM head or not), and a head held as a bare table (the MTP assistant's
         # trimmed-vocabulary head, read in full at every draft step)
@@ -82,15 +101,15 @@ def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None
             table = model._parameters.get(name)
             if table is None or table.dim() != 2 or table.shape[1] % group:
                 continue
-            packed = pack(table.data)
+            packed = pack(table.data, "lm_head" if name in ("embed_tokens", "lm_head") else name)
             tied = [m for m in model.modules() if isinstance(m, Linear) and m.weight is table]
             replace_parameter(model, name, packed)
             for linear in tied:
                 set_linear(linear, packed)
             del table
-        for module in list(model.modules()):
+        for name, module in list(model.named_modules()):
             if isinstance(module, Linear) and module.qweight is None and module.in_features % group == 0:
-                set_linear(module, pack(module.weight.data))
+                set_linear(module, pack(module.weight.data, name))
     if notes is not None:
         device = next((t.device for t in model.buffers()), torch.device("cpu"))
         notes.append(_note(model, weights, device))

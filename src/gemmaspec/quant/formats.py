@@ -187,12 +187,14 @@ def _tinygemm_pack(w: QuantizedWeight):
 
 # ---- float -> int8 / int4 ---------------------------------------------------------------------------------
 def quantize(w: torch.Tensor, bits: int, group: int = GROUP, dtype: torch.dtype | None = None,
-             chunk_rows: int = 8192) -> QuantizedWeight:
-    """Quantize a float [N, K] weight, a block of rows at a time (bounded temporary memory)."""
+             chunk_rows: int = 8192, importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize a float [N, K] weight, a block of rows at a time (bounded temporary memory). `importance` [K]
+    (int4 only): how much each input feature counts, see quantize_int4."""
     N, K = w.shape
     qs, ss, bs = [], [], []
     for start in range(0, N, chunk_rows):
-        q, s, b = (quantize_int8 if bits == 8 else quantize_int4)(w[start:start + chunk_rows].float(), group)
+        rows = w[start:start + chunk_rows].float()
+        q, s, b = quantize_int8(rows, group) if bits == 8 else quantize_int4(rows, group, importance)
         qs.append(q), ss.append(s), bs.append(b)
     bias = torch.cat(bs) if bits == 4 else None
     return QuantizedWeight(bits, torch.cat(qs), torch.cat(ss), bias, group, K,
@@ -209,23 +211,31 @@ def quantize_int8(w: torch.Tensor, group: int = GROUP):
     return q.to(torch.int8).view(N, K), s, None
 
 
-def quantize_int4(w: torch.Tensor, group: int = GROUP, refine: int = 2):
-    """Asymmetric, values 0..15 per group: start from b = min, s = (max - min) / 15, then `refine` rounds of
-    least squares (the s, b that best fit w given the rounded values, then round again); s, b as float16.
+def quantize_int4(w: torch.Tensor, group: int = GROUP, importance: torch.Tensor | None = None, refine: int = 2):
+    """Asymmetric, values 0..15 per group, scale s and bias b (float16) fitted to minimise
+    sum_k a_k (w_k - s q_k - b)^2 over each group: start from b = min, s = (max - min) / 15, then `refine` rounds
+    of weighted least squares (the s, b that best fit w given the rounded values, then round again).
 
-    The refinement lowers the held-out perplexity of int4 Gemma 3 270M noticeably over plain min/max."""
+    a_k = `importance` [K], the mean square of input feature k over calibration text (quant/calibrate.py): an
+    error on a feature that is large in practice moves the output more. None: all 1. On Gemma 3 270M
+    (all-int4 weights from the Q4_K_M GGUF, held-out text of bench_weights.py) the refinement lowered perplexity
+    noticeably over plain min/max, and the importance took it from 31.5 to 27.1 (bfloat16 weights: 25.1); trying
+    narrower starting ranges as well gained ~0.4 more for twice the load time, not kept."""
     N, K = w.shape
     g = w.view(N, K // group, group)
+    a = torch.ones(1, 1, group) if importance is None else importance.float().view(1, K // group, group)
     b = g.amin(-1, keepdim=True)
     s = (g.amax(-1, keepdim=True) - b) / 15
+    sa = a.sum(-1, keepdim=True)
     for _ in range(refine):
         v = torch.round((g - b) / s.clamp_min(1e-12)).clamp_(0, 15)
-        sv, svv = v.sum(-1, keepdim=True), (v * v).sum(-1, keepdim=True)
-        sw, swv = g.sum(-1, keepdim=True), (g * v).sum(-1, keepdim=True)
-        det = group * svv - sv * sv
-        ok = det > 0  # all values equal: keep what we have
-        s = torch.where(ok, (group * swv - sv * sw) / torch.where(ok, det, 1.0), s)
-        b = torch.where(ok, (sw - s * sv) / group, b)
+        av = a * v
+        sv, svv = av.sum(-1, keepdim=True), (av * v).sum(-1, keepdim=True)
+        sw, swv = (a * g).sum(-1, keepdim=True), (av * g).sum(-1, keepdim=True)
+        det = sa * svv - sv * sv
+        ok = det > 1e-12 * sa * svv  # all values equal: keep what we have
+        s = torch.where(ok, (sa * swv - sv * sw) / torch.where(ok, det, 1.0), s)
+        b = torch.where(ok, (sw - s * sv) / sa, b)
     s, b = s[..., 0].to(torch.float16), b[..., 0].to(torch.float16)
     sf = s.float()
     q = torch.round((g - b.float()[:, :, None]) / torch.where(sf == 0, 1.0, sf)[:, :, None]).clamp_(0, 15)

@@ -120,15 +120,17 @@ def _float_rows(raw: np.ndarray, type_name: str, K: int) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(raw.shape[0], K))
 
 
-def repack(raw, type_name: str, N: int, K: int, bits: int, dtype: torch.dtype) -> QuantizedWeight:
+def repack(raw, type_name: str, N: int, K: int, bits: int, dtype: torch.dtype,
+           importance: torch.Tensor | None = None) -> QuantizedWeight:
     """One GGUF matrix of N rows of K values as int`bits`, a block of rows at a time.
 
-    `raw` is its bytes (an array) or a function (start row, row count) -> bytes of those rows.
+    `raw` is its bytes (an array) or a function (start row, row count) -> bytes of those rows; `importance` [K]
+    weighs the int4 fit where values are requantized (quantize_int4).
     """
     read = raw if callable(raw) else (lambda start, count: raw.reshape(N, -1)[start:start + count])
     out = None
     for start in range(0, N, CHUNK_ROWS):
-        q, s, b, group = _repack_rows(read(start, min(CHUNK_ROWS, N - start)), type_name, K, bits)
+        q, s, b, group = _repack_rows(read(start, min(CHUNK_ROWS, N - start)), type_name, K, bits, importance)
         if out is None:  # allocate the result once; blocks are copied in (no concatenation peak)
             out = (torch.empty(N, q.shape[1], dtype=q.dtype), torch.empty(N, s.shape[1], dtype=s.dtype),
                    None if b is None else torch.empty(N, s.shape[1], dtype=s.dtype), group)
@@ -140,7 +142,7 @@ def repack(raw, type_name: str, N: int, K: int, bits: int, dtype: torch.dtype) -
     return QuantizedWeight(bits, q, s, b, group, K, dtype)
 
 
-def _repack_rows(raw: np.ndarray, type_name: str, K: int, bits: int):
+def _repack_rows(raw: np.ndarray, type_name: str, K: int, bits: int, importance: torch.Tensor | None = None):
     decode = DECODERS.get(type_name)
     if decode is None:  # any other type: through float
         w = _float_rows(raw, type_name, K)
@@ -157,7 +159,7 @@ def _repack_rows(raw: np.ndarray, type_name: str, K: int, bits: int):
         if b is not None:
             w = w + b[:, :, None]
         w = w.view(v.shape[0], K)
-    q, s, b = (quantize_int8 if bits == 8 else quantize_int4)(w, GROUP)
+    q, s, b = quantize_int8(w, GROUP) if bits == 8 else quantize_int4(w, GROUP, importance)
     return q, s, b, GROUP
 
 
@@ -193,15 +195,19 @@ class GGUFTensors:
         shape = self.shape(t)
         return _float_rows(self.raw(t), t.type_name, shape[-1]).reshape(shape)
 
-    def packed(self, name: str, bits: int | None, dtype: torch.dtype) -> QuantizedWeight:
+    def packed(self, name: str, bits: int | None, dtype: torch.dtype,
+               importance: torch.Tensor | None = None) -> QuantizedWeight:
         t = self.by_name[name]
         N, K = self.shape(t)
         return repack(lambda start, rows: self.raw(t, start, rows), t.type_name, N, K,
-                      bits or native_bits(t.type_name), dtype)
+                      bits or native_bits(t.type_name), dtype, importance)
 
 
-def load_gemma3(model, gguf: GGUFTensors, bits: int | None, dtype: torch.dtype) -> None:
-    """Fill an empty Gemma3Model from a GGUF: norms in float, every matrix packed (bits None: native)."""
+def load_gemma3(model, gguf: GGUFTensors, bits: int | None, dtype: torch.dtype,
+                importance: dict[str, torch.Tensor] | None = None) -> None:
+    """Fill an empty Gemma3Model from a GGUF: norms in float, every matrix packed (bits None: native);
+    `importance` (quant/calibrate.py, by our module names) weighs int4 requantization."""
+    importance = importance or {}
     from ..loading.gguf_convert import _hf_name
 
     tensors = {}
@@ -219,9 +225,10 @@ def load_gemma3(model, gguf: GGUFTensors, bits: int | None, dtype: torch.dtype) 
     del tensors
     for i, layer in enumerate(model.layers):
         for attr, parts in GEMMA3_FUSED.items():
-            packed = concat([gguf.packed(f"blk.{i}.{p}.weight", bits, dtype) for p in parts])
+            weigh = importance.get(f"layers.{i}.{attr}")  # the parts of a fused projection share its input
+            packed = concat([gguf.packed(f"blk.{i}.{p}.weight", bits, dtype, weigh) for p in parts])
             set_linear(getattr(layer, attr), packed)
-    embed = gguf.packed("token_embd.weight", bits, dtype)
     tied = model.lm_head.weight is model.embed_tokens
+    embed = gguf.packed("token_embd.weight", bits, dtype, importance.get("lm_head") if tied else None)
     replace_parameter(model, "embed_tokens", embed)
-    set_linear(model.lm_head, embed if tied else gguf.packed("output.weight", bits, dtype))
+    set_linear(model.lm_head, embed if tied else gguf.packed("output.weight", bits, dtype, importance.get("lm_head")))
