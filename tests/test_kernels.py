@@ -119,3 +119,20 @@ def test_every_verification_size_runs_in_the_kernels():
         full = lin(x)
         for m in (0, MAX_DRAFT_TOKENS):
             assert torch.equal(lin(x[m : m + 1]), full[m : m + 1])
+
+
+def test_argmax_is_torch_argmax():
+    """The first maximum of each row, as torch.argmax: ties, a maximum in the scalar tail, -inf, NaN."""
+    from gemmaspec.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1003, generator=g)
+    x[1, 500] = x[1, 900] = x[1].max() + 1  # tie: the first
+    x[2, 1001] = 50.0  # in the tail after the last 8-wide step
+    x[3] = float("-inf")
+    x[3, 7] = -1e30
+    x[4, 20] = float("nan")  # torch.argmax picks the first NaN
+    x[4, 30] = float("nan")
+    x[5, 0] = 9.0
+    assert greedy_tokens(x) == x.argmax(dim=-1).tolist()
+    assert K is None or K.argmax(x) == x.argmax(dim=-1).tolist()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingParams, probabilities, sample
+from .sampling import SamplingParams, greedy_tokens, probabilities, sample
 
 
 def verify(
@@ -25,7 +25,7 @@ def verify(
     """Returns (number of drafts accepted, the next token chosen by the target)."""
     k = len(draft_tokens)
     if params.greedy:
-        best = target_logits.argmax(dim=-1).tolist()
+        best = greedy_tokens(target_logits)
         n = 0
         while n < k and draft_tokens[n] == best[n]:
             n += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import GemmaspecError
-from ..sampling import SamplingParams, probabilities, sample
+from ..sampling import SamplingParams, greedy_tokens, probabilities, sample
 from .base import Draft, DraftContext, Drafter
 
 
@@ -39,7 +39,7 @@ class DraftModelDrafter(Drafter):
             self.cached.extend(feed)
             logits = self.model.logits(hidden[-1:])
             if self.params.greedy:
-                token = int(logits[0].argmax())
+                token = greedy_tokens(logits)[0]
             else:
                 q = probabilities(logits, self.params)[0]
                 token = sample(q, context.generator)

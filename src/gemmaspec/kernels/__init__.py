@@ -67,6 +67,18 @@ class Gemma3BlockArgs(ctypes.Structure):
                 *[(name, ctypes.c_int) for name in ("hidden", "n_q", "n_kv", "head_dim", "inter")]]
 
 
+class StackArgs:
+    """gs_gemma3_stack's per-layer arrays: block argument pointers, sliding flags, K/V buffer pointers."""
+
+    def __init__(self, blocks: list, sliding: list[bool], keys: list[torch.Tensor], values: list[torch.Tensor]):
+        n = self.n = len(blocks)
+        self.refs = blocks  # the K/V buffers are the cache's: use these only while that cache lives
+        self.blocks = (ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in blocks])
+        self.sliding = (ctypes.c_uint8 * n)(*[int(s) for s in sliding])
+        self.kbufs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in keys])
+        self.vbufs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in values])
+
+
 class Kernels:
     """ctypes handle on the compiled library."""
 
@@ -86,10 +98,13 @@ class Kernels:
         lib.gso_qk_norm_rope.argtypes = [P, I, I, I, I, I, P, P, F, P, P, I]
         lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I, I]
         lib.gso_gelu_mul.argtypes = [P, I, I, P]
+        lib.gso_argmax.argtypes = [P, I, I64, P]
         lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I, I]
         lib.gs_gemma3_block.restype = None
+        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, I, I]
+        lib.gs_gemma3_stack.restype = None
         for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention,
-                   lib.gso_gelu_mul):
+                   lib.gso_gelu_mul, lib.gso_argmax):
             fn.restype = None
         self.lib, self.path = lib, path
         simd = lib.gsq_simd()
@@ -154,6 +169,12 @@ class Kernels:
         self.lib.gso_gelu_mul(gate_up.data_ptr(), T, I2 // 2, out.data_ptr())
         return out
 
+    def argmax(self, x: torch.Tensor) -> list[int]:
+        """torch.argmax(x, dim=-1).tolist() for float32 rows [R, n] (contiguous): the first maximum of each row."""
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self.lib.gso_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+        return out.tolist()
+
     def weight_args(self, linear) -> WeightArgs | None:
         """The kernel's view of a Linear's weight (float32, bfloat16, int8 / int4 on the CPU), or None."""
         w = linear.qweight if linear.qweight is not None else linear.weight
@@ -178,6 +199,23 @@ class Kernels:
         self.lib.gs_gemma3_block(ctypes.addressof(args), x.data_ptr(), out.data_ptr(), x.shape[0], cos.data_ptr(),
                                  sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], slots.data_ptr(),
                                  S, _ptr(mask), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+        return out
+
+    def gemma3_stack(self, layers: "StackArgs", x: torch.Tensor, cos_l, sin_l, cos_f, sin_f, ring, full) -> torch.Tensor:
+        """Every block in one call (block.c gs_gemma3_stack): `ring` / `full` are the (keys, values, slots, S, mask)
+        views of cache.block_target for a sliding and a full layer (None where the model has no such layer)."""
+        out, scratch = torch.empty_like(x), torch.empty_like(x)
+        views = []
+        for view in (ring, full):
+            if view is None:
+                views += [0, None, 0, None]
+            else:
+                keys, _, slots, S, mask = view
+                views += [keys.shape[1], slots.data_ptr(), S, _ptr(mask)]
+        self.lib.gs_gemma3_stack(layers.n, layers.blocks, layers.sliding, layers.kbufs, layers.vbufs, x.data_ptr(),
+                                 out.data_ptr(), scratch.data_ptr(), x.shape[0], cos_l.data_ptr(), sin_l.data_ptr(),
+                                 cos_f.data_ptr(), sin_f.data_ptr(), *views, int(x.dtype == torch.bfloat16),
+                                 torch.get_num_threads())
         return out
 
     def dequant(self, w, start: int, count: int, out: torch.Tensor | None = None,

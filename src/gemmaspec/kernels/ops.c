@@ -194,3 +194,38 @@ void gso_gelu_mul(const float *gu, int T, int I, float *out) {
         }
     }
 }
+
+// ---- argmax ------------------------------------------------------------------------------------------------
+// out[r] = the index of the first maximum of row r of x [R, n] (the first NaN if the row has one), as
+// torch.argmax: greedy decoding's pick over a 262k vocabulary, which PyTorch takes ~0.25 ms for.
+void gso_argmax(const float *x, int R, int64_t n, int64_t *out) {
+    for (int r = 0; r < R; r++) {
+        const float *row = x + (size_t)r * n;
+        float best = row[0];
+        int nan = 0;
+        int64_t i = 0;
+#ifdef GS_AVX2
+        __m256 mx = _mm256_set1_ps(row[0]), unord = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            mx = _mm256_max_ps(mx, v);
+            unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mx);
+        for (int l = 0; l < 8; l++) best = lanes[l] > best ? lanes[l] : best;
+        nan = _mm256_movemask_ps(unord) != 0;
+#endif
+        for (; i < n; i++) {
+            nan |= row[i] != row[i];
+            best = row[i] > best ? row[i] : best;
+        }
+        int64_t at = 0;
+        if (nan) {
+            while (row[at] == row[at]) at++;
+        } else {
+            while (row[at] != best) at++;
+        }
+        out[r] = at;
+    }
+}
