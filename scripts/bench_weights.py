@@ -275,8 +275,8 @@ def main():
     from gemmaspec.quant import weight_bytes
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    bandwidth = read_bandwidth_gbs()
-    print(f"threads {threads}; read bandwidth {bandwidth:.1f} GB/s (best of 9 passes over 1 GiB)", flush=True)
+    bandwidths = [read_bandwidth_gbs()]  # and once per round below: this shared VM's bandwidth drifts
+    print(f"threads {threads}; read bandwidth {bandwidths[0]:.1f} GB/s (best of 9 passes over 1 GiB)", flush=True)
     engines, info = {}, {}
     for fmt in formats:
         target, load_s = load_format(fmt)
@@ -293,6 +293,8 @@ def main():
         for prompt in PROMPTS:
             for fmt, engine in engines.items():
                 rates[fmt].append(decode_tps(engine, prompt, args.max_new_tokens))
+        bandwidths.append(read_bandwidth_gbs(megabytes=512, repeats=3))
+    bandwidth = statistics.median(bandwidths)
     results = {}
     for fmt in formats:
         tps = statistics.median(rates[fmt])
@@ -312,7 +314,8 @@ def main():
 
     base = results.get("float32", {}).get("tokens_per_second")
     print(f"\nplain decoding, default model, {args.max_new_tokens} new tokens x {len(PROMPTS)} prompts x "
-          f"{args.repeats} rounds, medians; {threads} threads; bandwidth {bandwidth:.1f} GB/s")
+          f"{args.repeats} rounds, medians; {threads} threads; bandwidth {bandwidth:.1f} GB/s (median of "
+          f"{len(bandwidths)} measurements, {min(bandwidths):.1f}-{max(bandwidths):.1f})")
     ref = next((r["quality_reference"] for r in results.values() if "quality_reference" in r), None)
     if ref:
         n = next(r["quality_prompts"] for r in results.values() if "quality_prompts" in r)
@@ -331,7 +334,8 @@ def main():
         print("(llama.cpp: `llama-cpp-python` is not installed; skipped)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": threads, "bandwidth_gbs": bandwidth, "max_new_tokens": args.max_new_tokens,
+            json.dump({"threads": threads, "bandwidth_gbs": bandwidth, "bandwidth_measurements_gbs": bandwidths,
+                       "max_new_tokens": args.max_new_tokens,
                        "repeats": args.repeats, "results": results}, f, indent=1)
 
 
