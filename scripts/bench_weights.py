@@ -275,8 +275,8 @@ def main():
     from gemmaspec.quant import weight_bytes
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    bandwidths = [read_bandwidth_gbs()]  # and once per round below: this shared VM's bandwidth drifts
-    print(f"threads {threads}; read bandwidth {bandwidths[0]:.1f} GB/s (best of 9 passes over 1 GiB)", flush=True)
+    bandwidths = [read_bandwidth_gbs(megabytes=512, repeats=3)]  # and after every round: this VM's drifts
+    print(f"threads {threads}; read bandwidth {bandwidths[0]:.1f} GB/s (best of 3 passes over 512 MiB)", flush=True)
     engines, info = {}, {}
     for fmt in formats:
         target, load_s = load_format(fmt)

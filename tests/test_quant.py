@@ -310,5 +310,17 @@ def test_importance_is_measured_once_per_file(tiny_gemma3_dir, tmp_path, monkeyp
         raise AssertionError("measured again")
     again = cached_importance(tiny_gemma3_dir, no_model, target.tokenizer)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    int4 = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights="int4")  # uses the cached one
+    import gemmaspec.quant.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "activation_importance", lambda *a: no_model())
+    int4 = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights="int4")  # the cached one
     assert int4.model.layers[0].qkv_proj.qweight.bits == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_int4_quantizes_weights_on_the_gpu():
+    w = _weight().cuda()
+    for importance in (None, torch.rand(w.shape[1])):
+        qw = quantize(w, 4, importance=importance)
+        assert qw.q.is_cuda
+        assert (qw.dequantize(dtype=torch.float32) - w).abs().max() < 0.1 * w.abs().max()

@@ -184,6 +184,50 @@ static inline __attribute__((always_inline)) __m256i dot(const int g, const __m2
 // and under two other operations, where one convert + broadcast + FMA per group cost as much as the dots. The
 // widened weights of two groups are shared by all rows of x in the tile; G = 0 (large groups) widens per row.
 // Leftover groups (ngroups % 4) go one at a time. Fixed order, whatever M is.
+// The arithmetic of one (weight row, row of x) pair, shared by tile() and tile_rows() so both give the same bits.
+// Scales s_j .. s_j+3 as float:
+static inline __attribute__((always_inline)) __m128 scales4(int f32, const char *s, int j) {
+    return f32 ? _mm_loadu_ps((const float *)s + j)
+               : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s + j)));
+}
+
+// The dots of groups j, j+1 (half 0: kept folded in *h01) or j+2, j+3 (half 1: all four folded, scaled by
+// c4 * x's group scales xc and added to *acc).
+static inline __attribute__((always_inline)) void fold_groups(int half, __m256i d0, __m256i d1, __m128 c4,
+                                                              __m128 xc, __m256i *h01, __m256 *acc) {
+    const __m256i h = _mm256_hadd_epi32(d0, d1);
+    if (!half) {
+        *h01 = h;
+        return;
+    }
+    const __m128 cm = _mm_mul_ps(c4, xc);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(*h01, h)), _mm256_set_m128(cm, cm), *acc);
+}
+
+// A leftover group (ngroups % 4) on its own.
+static inline __attribute__((always_inline)) __m256 single_group(__m256i d, float sj, float xscj, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sj * xscj), acc);
+}
+
+// out[m] = sum_j b_j * (sum of x row m in group j) for mt rows of x: eight groups per FMA, then the leftover groups
+// in order.
+static inline __attribute__((always_inline)) void bias_terms(int f32, const char *b, const float *xs, int ngroups,
+                                                             const int mt, float *out) {
+    __m256 bv[QMT];
+    for (int m = 0; m < mt; m++) bv[m] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= ngroups; j += 8) {
+        const __m256 b8 = f32 ? _mm256_loadu_ps((const float *)b + j)
+                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + j)));
+        for (int m = 0; m < mt; m++) bv[m] = _mm256_fmadd_ps(b8, _mm256_loadu_ps(xs + (size_t)m * ngroups + j), bv[m]);
+    }
+    for (int m = 0; m < mt; m++) out[m] = hsum(bv[m]);
+    for (; j < ngroups; j++) {
+        const float bj = SC(b, j);
+        for (int m = 0; m < mt; m++) out[m] += bj * xs[(size_t)m * ngroups + j];
+    }
+}
+
 static inline __attribute__((always_inline)) void tile(const int BITS, const int G, int f32, const char *q,
         const char *s, const char *b, int K, int g_runtime, const int16_t *xq, const float *xsc, const float *xs,
         int ngroups, const int mt, float *r) {
@@ -191,8 +235,7 @@ static inline __attribute__((always_inline)) void tile(const int BITS, const int
     enum { WV = 4 };  // widened vectors kept for a pair of groups of 16 or 32
     __m256 acc[QMT];
     __m256i h01[QMT], wv[WV];
-    float bacc[QMT];
-    for (int m = 0; m < mt; m++) { acc[m] = _mm256_setzero_ps(); bacc[m] = 0.0f; }
+    for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps();
     int j = 0;
     for (; j + 4 <= ngroups; j += 4) {
         for (int half = 0; half < 2; half++) {
@@ -201,9 +244,7 @@ static inline __attribute__((always_inline)) void tile(const int BITS, const int
                 widen(BITS, G, q, k0, wv);
                 widen(BITS, G, q, k0 + G, wv + G / 16);
             }
-            __m128 c4 = _mm_setzero_ps();
-            if (half) c4 = f32 ? _mm_loadu_ps((const float *)s + j)
-                               : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s + j)));
+            const __m128 c4 = half ? scales4(f32, s, j) : _mm_setzero_ps();
             for (int m = 0; m < mt; m++) {
                 const int16_t *xm = xq + (size_t)m * K + k0;
                 __m256i d0, d1;
@@ -217,14 +258,8 @@ static inline __attribute__((always_inline)) void tile(const int BITS, const int
                     widen(BITS, g, q, k0 + g, w);
                     d1 = dot(g, w, xm + g);
                 }
-                const __m256i h = _mm256_hadd_epi32(d0, d1);
-                if (!half) {
-                    h01[m] = h;
-                } else {
-                    const __m128 cm = _mm_mul_ps(c4, _mm_loadu_ps(xsc + (size_t)m * ngroups + j));
-                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(h01[m], h)),
-                                             _mm256_set_m128(cm, cm), acc[m]);
-                }
+                const __m128 xc = half ? _mm_loadu_ps(xsc + (size_t)m * ngroups + j) : _mm_setzero_ps();
+                fold_groups(half, d0, d1, c4, xc, &h01[m], &acc[m]);
             }
         }
     }
@@ -233,82 +268,44 @@ static inline __attribute__((always_inline)) void tile(const int BITS, const int
         __m256i w[MAX_GROUP / 16];
         widen(BITS, g, q, j * g, w);
         for (int m = 0; m < mt; m++)
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(g, w, xq + (size_t)m * K + j * g)),
-                                     _mm256_set1_ps(sj * xsc[(size_t)m * ngroups + j]), acc[m]);
+            acc[m] = single_group(dot(g, w, xq + (size_t)m * K + j * g), sj, xsc[(size_t)m * ngroups + j], acc[m]);
     }
-    if (b) {  // sum_j b_j * (sum of x in group j): eight groups per FMA, then the leftover groups in order
-        __m256 bv[QMT];
-        for (int m = 0; m < mt; m++) bv[m] = _mm256_setzero_ps();
-        int jj = 0;
-        for (; jj + 8 <= ngroups; jj += 8) {
-            const __m256 b8 = f32 ? _mm256_loadu_ps((const float *)b + jj)
-                                  : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + jj)));
-            for (int m = 0; m < mt; m++) bv[m] = _mm256_fmadd_ps(b8, _mm256_loadu_ps(xs + (size_t)m * ngroups + jj), bv[m]);
-        }
-        for (int m = 0; m < mt; m++) bacc[m] = hsum(bv[m]);
-        for (; jj < ngroups; jj++) {
-            const float bj = SC(b, jj);
-            for (int m = 0; m < mt; m++) bacc[m] += bj * xs[(size_t)m * ngroups + jj];
-        }
-    }
-    for (int m = 0; m < mt; m++) r[m] = hsum(acc[m]) + bacc[m];
+    float bt[QMT] = {0.0f};
+    if (b) bias_terms(f32, b, xs, ngroups, mt, bt);
+    for (int m = 0; m < mt; m++) r[m] = hsum(acc[m]) + bt[m];
 }
 
 static inline __attribute__((always_inline)) void tile_rows(const int BITS, const int G, int f32, const char *q,
         size_t row_bytes, const char *s, size_t srow, const char *b, const int16_t *xq, const float *xsc,
         const float *xs, int ngroups, float *r) {
-    enum { WV = 4 };
     __m256 acc[QR];
     __m256i h01[QR];
-    float bacc[QR];
-    for (int i = 0; i < QR; i++) { acc[i] = _mm256_setzero_ps(); bacc[i] = 0.0f; }
+    for (int i = 0; i < QR; i++) acc[i] = _mm256_setzero_ps();
     int j = 0;
     for (; j + 4 <= ngroups; j += 4) {
         for (int half = 0; half < 2; half++) {
-            const int j0 = j + 2 * half, k0 = j0 * G;
-            __m128 xc = _mm_setzero_ps();
-            if (half) xc = _mm_loadu_ps(xsc + j);
+            const int k0 = (j + 2 * half) * G;
+            const __m128 xc = half ? _mm_loadu_ps(xsc + j) : _mm_setzero_ps();
             for (int i = 0; i < QR; i++) {
-                const char *qi = q + i * row_bytes, *si = s + i * srow;
-                __m256i wv[WV];
-                widen(BITS, G, qi, k0, wv);
-                widen(BITS, G, qi, k0 + G, wv + G / 16);
-                const __m256i h = _mm256_hadd_epi32(dot(G, wv, xq + k0), dot(G, wv + G / 16, xq + k0 + G));
-                if (!half) {
-                    h01[i] = h;
-                } else {
-                    const __m128 c4 = f32 ? _mm_loadu_ps((const float *)si + j)
-                                          : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)si + j)));
-                    const __m128 cm = _mm_mul_ps(c4, xc);
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(h01[i], h)),
-                                             _mm256_set_m128(cm, cm), acc[i]);
-                }
+                __m256i wv[4];
+                widen(BITS, G, q + i * row_bytes, k0, wv);
+                widen(BITS, G, q + i * row_bytes, k0 + G, wv + G / 16);
+                const __m128 c4 = half ? scales4(f32, s + i * srow, j) : _mm_setzero_ps();
+                fold_groups(half, dot(G, wv, xq + k0), dot(G, wv + G / 16, xq + k0 + G), c4, xc, &h01[i], &acc[i]);
             }
         }
     }
-    for (; j < ngroups; j++) {
+    for (; j < ngroups; j++)
         for (int i = 0; i < QR; i++) {
-            const float sj = SC(s + i * srow, j);
             __m256i w[MAX_GROUP / 16];
             widen(BITS, G, q + i * row_bytes, j * G, w);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(G, w, xq + j * G)), _mm256_set1_ps(sj * xsc[j]), acc[i]);
+            acc[i] = single_group(dot(G, w, xq + j * G), SC(s + i * srow, j), xsc[j], acc[i]);
         }
+    for (int i = 0; i < QR; i++) {
+        float bt = 0.0f;
+        if (b) bias_terms(f32, b + i * srow, xs, ngroups, 1, &bt);
+        r[i] = hsum(acc[i]) + bt;
     }
-    if (b) {
-        for (int i = 0; i < QR; i++) {
-            const char *bi = b + i * srow;
-            __m256 bv = _mm256_setzero_ps();
-            int jj = 0;
-            for (; jj + 8 <= ngroups; jj += 8) {
-                const __m256 b8 = f32 ? _mm256_loadu_ps((const float *)bi + jj)
-                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)bi + jj)));
-                bv = _mm256_fmadd_ps(b8, _mm256_loadu_ps(xs + jj), bv);
-            }
-            bacc[i] = hsum(bv);
-            for (; jj < ngroups; jj++) bacc[i] += SC(bi, jj) * xs[jj];
-        }
-    }
-    for (int i = 0; i < QR; i++) r[i] = hsum(acc[i]) + bacc[i];
 }
 #else
 static void tile(const int BITS, const int G, int f32, const char *q, const char *s, const char *b, int K,

@@ -268,8 +268,12 @@ class Gemma3Model(nn.Module):
         ids = [id(b) for b in blocks]
         cached = self.__dict__.get("_stack_cache")
         if cached is None or cached[0]() is not cache or cached[1] != ids:
-            args = kernels.StackArgs(blocks, [layer.sliding for layer in self.layers], cache.keys, cache.values)
+            sliding = [layer.sliding for layer in self.layers]  # the C loop picks RoPE and cache view by this flag
+            same_kinds = sliding == [spec.window is not None for spec in cache.specs]
+            args = kernels.StackArgs(blocks, sliding, cache.keys, cache.values) if same_kinds else None
             cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), ids, args)
+        if cached[2] is None:
+            return None
         return fast.gemma3_stack(cached[2], x, cos_l, sin_l, cos_f, sin_f, views.get(True), views.get(False))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

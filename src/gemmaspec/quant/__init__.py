@@ -45,8 +45,8 @@ def resolve_weights(weights: str | None, gguf: "object | None", device: torch.de
 def load_gguf_model(folder: Path, source: Path, weights: str | None, dtype: torch.dtype, device: torch.device,
                     notes: list[str], tokenizer=None):
     """A model whose weights come packed straight from the GGUF file, or None when they stay float. int4
-    is fitted with the activation importance measured on the file's own precision (calibrate.py; needs
-    `tokenizer`, cached per file)."""
+    is fitted with the activation importance measured on the file's own precision (int8 for its float tensors;
+    calibrate.py; needs `tokenizer`, cached per file)."""
     from ..errors import ModelFileError
     from ..loading import read_config
     from ..models import build_model
@@ -101,8 +101,9 @@ def quantize_model(model: torch.nn.Module, weights: str, notes: list[str] | None
             table = model._parameters.get(name)
             if table is None or table.dim() != 2 or table.shape[1] % group:
                 continue
-            packed = pack(table.data, "lm_head" if name in ("embed_tokens", "lm_head") else name)
             tied = [m for m in model.modules() if isinstance(m, Linear) and m.weight is table]
+            head_input = name == "lm_head" or any(m is getattr(model, "lm_head", None) for m in tied)
+            packed = pack(table.data, "lm_head" if head_input else name)
             replace_parameter(model, name, packed)
             for linear in tied:
                 set_linear(linear, packed)

@@ -223,19 +223,23 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP, importance: torch.Tensor 
     narrower starting ranges as well gained ~0.4 more for twice the load time, not kept."""
     N, K = w.shape
     g = w.view(N, K // group, group)
-    a = torch.ones(1, 1, group) if importance is None else importance.float().view(1, K // group, group)
+    if importance is None:
+        a = torch.ones(1, 1, group, device=w.device)
+    else:
+        a = importance.to(w.device, torch.float32).view(1, K // group, group)
     b = g.amin(-1, keepdim=True)
     s = (g.amax(-1, keepdim=True) - b) / 15
     sa = a.sum(-1, keepdim=True)
+    wm = (a * g).sum(-1, keepdim=True) / sa.clamp_min(1e-30)  # weighted means: centred sums stay accurate in
+    dw = g - wm                                               # float32 even when a few features dominate a
     for _ in range(refine):
         v = torch.round((g - b) / s.clamp_min(1e-12)).clamp_(0, 15)
-        av = a * v
-        sv, svv = av.sum(-1, keepdim=True), (av * v).sum(-1, keepdim=True)
-        sw, swv = (a * g).sum(-1, keepdim=True), (av * g).sum(-1, keepdim=True)
-        det = sa * svv - sv * sv
-        ok = det > 1e-12 * sa * svv  # all values equal: keep what we have
-        s = torch.where(ok, (sa * swv - sv * sw) / torch.where(ok, det, 1.0), s)
-        b = torch.where(ok, (sw - s * sv) / sa, b)
+        vm = (a * v).sum(-1, keepdim=True) / sa.clamp_min(1e-30)
+        dv = a * (v - vm)
+        var, cov = (dv * (v - vm)).sum(-1, keepdim=True), (dv * dw).sum(-1, keepdim=True)
+        ok = var > 1e-6 * sa  # all values equal (or no weight on the group): keep what we have
+        s = torch.where(ok, cov / torch.where(ok, var, 1.0), s)
+        b = torch.where(ok, wm - s * vm, b)
     s, b = s[..., 0].to(torch.float16), b[..., 0].to(torch.float16)
     sf = s.float()
     q = torch.round((g - b.float()[:, :, None]) / torch.where(sf == 0, 1.0, sf)[:, :, None]).clamp_(0, 15)
