@@ -275,8 +275,8 @@ def main():
     from gemmaspec.quant import weight_bytes
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    bandwidths = [read_bandwidth_gbs(megabytes=512, repeats=3)]  # and after every round: this VM's drifts
-    print(f"threads {threads}; read bandwidth {bandwidths[0]:.1f} GB/s (best of 3 passes over 512 MiB)", flush=True)
+    bandwidths = [read_bandwidth_gbs()]  # and after every round: this shared VM's bandwidth drifts
+    print(f"threads {threads}; read bandwidth {bandwidths[0]:.1f} GB/s (best of 9 passes over 1 GiB)", flush=True)
     engines, info = {}, {}
     for fmt in formats:
         target, load_s = load_format(fmt)
@@ -293,21 +293,23 @@ def main():
         for prompt in PROMPTS:
             for fmt, engine in engines.items():
                 rates[fmt].append(decode_tps(engine, prompt, args.max_new_tokens))
-        bandwidths.append(read_bandwidth_gbs(megabytes=512, repeats=3))
+        bandwidths.append(read_bandwidth_gbs())
     bandwidth = statistics.median(bandwidths)
     results = {}
     for fmt in formats:
         tps = statistics.median(rates[fmt])
         limit = bandwidth * 1e9 / info[fmt]["bytes_per_token"]
         results[fmt] = dict(info[fmt], tokens_per_second=tps, limit_tokens_per_second=limit,
-                            fraction_of_limit=tps / limit)
+                            fraction_of_limit=tps / limit,
+                            fraction_of_peak_limit=tps * info[fmt]["bytes_per_token"] / (max(bandwidths) * 1e9))
     path = default_model_path()
     llama = llama_cpp_tps(path, PROMPTS, args.max_new_tokens, args.repeats, threads)
     if llama is not None:
         nbytes = gguf_bytes_per_token(path)
         limit = bandwidth * 1e9 / nbytes
         results["llama.cpp"] = dict(llama, bytes_per_token=nbytes, limit_tokens_per_second=limit,
-                                    fraction_of_limit=llama["tokens_per_second"] / limit)
+                                    fraction_of_limit=llama["tokens_per_second"] / limit,
+                                    fraction_of_peak_limit=llama["tokens_per_second"] * nbytes / (max(bandwidths) * 1e9))
 
     if not args.no_quality:
         quality(engines, results, args.quality_tokens, args.quality_limit)
@@ -321,14 +323,16 @@ def main():
         n = next(r["quality_prompts"] for r in results.values() if "quality_prompts" in r)
         print(f"agreement with {ref} weights on {n} bench-suite prompts x {args.quality_tokens} greedy tokens: "
               "free-running (positions equal) / common prefix / teacher-forced")
-    print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | agree | prefix | forced | ppl | load s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | of peak | agree | prefix | forced | ppl | "
+          "load s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         vs = f"{r['tokens_per_second'] / base:.2f}x" if base else "-"
         q = (f"{r['greedy_agreement']:.0%} | {r['common_prefix']:.1f} | {r['teacher_forced_agreement']:.1%} | "
              f"{r['perplexity']:.2f}" if "perplexity" in r else "- | - | - | -")
         print(f"| {name} | {r['bytes_per_token'] / 1e6:.0f} | {r['tokens_per_second']:.1f} | {vs} | "
-              f"{r['limit_tokens_per_second']:.1f} | {r['fraction_of_limit']:.0%} | {q} | "
+              f"{r['limit_tokens_per_second']:.1f} | {r['fraction_of_limit']:.0%} | "
+              f"{r['fraction_of_peak_limit']:.0%} | {q} | "
               f"{r.get('load_seconds', float('nan')):.1f} |")
     if llama is None:
         print("(llama.cpp: `llama-cpp-python` is not installed; skipped)")
