@@ -219,7 +219,7 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP, importance: torch.Tensor 
     a_k = `importance` [K], the mean square of input feature k over calibration text (quant/calibrate.py): an
     error on a feature that is large in practice moves the output more. None: all 1. On Gemma 3 270M
     (all-int4 weights from the Q4_K_M GGUF, held-out text of bench_weights.py) the refinement lowered perplexity
-    noticeably over plain min/max, and the importance took it from 31.5 to 27.1 (bfloat16 weights: 25.1); trying
+    noticeably over plain min/max, and the importance took it from 31.5 to 27.2 (bfloat16 weights: 25.1); trying
     narrower starting ranges as well gained ~0.4 more for twice the load time, not kept."""
     N, K = w.shape
     g = w.view(N, K // group, group)
