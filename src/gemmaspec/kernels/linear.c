@@ -108,9 +108,9 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
 // rows halved the DRAM read rate on Zen 3) and each weight vector is widened once for all rows of x in the tile
 // (groups of 16 or 32). One row of x (plain decoding) takes QR weight rows side by side instead (tile_rows), with
 // a software prefetch PF_TILES tiles ahead that keeps that stream at the DRAM rate. BITS, G (group size 16 or
-// 32; 0: read g, a multiple of 32 up to MAX_GROUP) and the tile's row count are constants at each call site. int32 sums cannot overflow: a group adds at most MAX_GROUP products of
-// |q| <= 128 and |xq| <= 32767 (2^31 - 65536 in the portable path's single sum; less per AVX2 lane). Do not
-// raise MAX_GROUP.
+// 32; 0: read g, a multiple of 32 up to MAX_GROUP) and the tile's row count are constants at each call site.
+// int32 sums cannot overflow: a group adds at most MAX_GROUP products of |q| <= 128 and |xq| <= 32767
+// (2^31 - 65536 in the portable path's single sum; less per AVX2 lane). Do not raise MAX_GROUP.
 #define MT 4
 #if defined(__AVX512VL__)
 #define QMT 8  // rows of x per int8/int4 tile: with 32 vector registers the accumulators of 8 rows fit
@@ -178,12 +178,6 @@ static inline __attribute__((always_inline)) __m256i dot(const int g, const __m2
     return d;
 }
 
-// Groups go four at a time: two horizontal adds fold their four 8-lane dots into one vector
-// [d0 d1 d2 d3 | d0' d1' d2' d3'] (each the sum of four lanes of one group's dot, exact in int32), converted and
-// scaled by [c0 c1 c2 c3 | c0 c1 c2 c3] (c_j = s_j * xs_j) in one FMA: per group and row of x, two multiply-adds
-// and under two other operations, where one convert + broadcast + FMA per group cost as much as the dots. The
-// widened weights of two groups are shared by all rows of x in the tile; G = 0 (large groups) widens per row.
-// Leftover groups (ngroups % 4) go one at a time. Fixed order, whatever M is.
 // The arithmetic of one (weight row, row of x) pair, shared by tile() and tile_rows() so both give the same bits.
 // Scales s_j .. s_j+3 as float:
 static inline __attribute__((always_inline)) __m128 scales4(int f32, const char *s, int j) {
@@ -228,6 +222,12 @@ static inline __attribute__((always_inline)) void bias_terms(int f32, const char
     }
 }
 
+// Groups go four at a time: two horizontal adds fold their four 8-lane dots into one vector
+// [d0 d1 d2 d3 | d0' d1' d2' d3'] (each the sum of four lanes of one group's dot, exact in int32), converted and
+// scaled by [c0 c1 c2 c3 | c0 c1 c2 c3] (c_j = s_j * xs_j) in one FMA: per group and row of x, two multiply-adds
+// and under two other operations, where one convert + broadcast + FMA per group cost as much as the dots. The
+// widened weights of two groups are shared by all rows of x in the tile; G = 0 (large groups) widens per row.
+// Leftover groups (ngroups % 4) go one at a time. Fixed order, whatever M is.
 static inline __attribute__((always_inline)) void tile(const int BITS, const int G, int f32, const char *q,
         const char *s, const char *b, int K, int g_runtime, const int16_t *xq, const float *xsc, const float *xs,
         int ngroups, const int mt, float *r) {

@@ -8,7 +8,6 @@ For speed q/k/v and gate/up projections are fused into one matmul each.
 from __future__ import annotations
 
 import weakref
-
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +95,14 @@ class Gemma3Config:
         )
 
 
+def _fits_c_block(fast, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
+    """Whether a forward can run in kernels/block.c: the kernels are built (`fast`), x [T, hidden] is a decode or
+    verification step, contiguous, and the RoPE tables are float32 [T, head_dim]."""
+    return (fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous()
+            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == (x.shape[0], head_dim))
+
+
 class Gemma3Block(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer_type: str):
         super().__init__()
@@ -117,9 +124,7 @@ class Gemma3Block(nn.Module):
     def forward(self, x, layer_idx: int, cache: KVCache, cos, sin):
         """x [T, hidden] in the model's dtype; cos/sin float32 (the C block's), rounded to x's dtype below."""
         fast = fused_ops(x, (torch.float32, torch.bfloat16))
-        if fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous() \
-                and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous() \
-                and cos.shape == (x.shape[0], self.head_dim):
+        if _fits_c_block(fast, x, cos, sin, self.head_dim):
             args, target = self._block_args(fast), cache.block_target(layer_idx)
             if args is not None and target is not None and target[0].dtype == x.dtype:
                 return fast.gemma3_block(args, x, cos, sin, *target)  # the path below in one C call
@@ -251,9 +256,8 @@ class Gemma3Model(nn.Module):
         C path, without ~85 us of Python per block) for decode and verification steps; None where a block cannot
         take the C path."""
         fast = fused_ops(x, (torch.float32, torch.bfloat16))
-        T = x.shape[0]
-        if fast is None or x.dim() != 2 or T > kernels.MAX_ROWS or not x.is_contiguous() \
-                or cos_f.shape != (T, self.config.head_dim):
+        head_dim = self.config.head_dim
+        if not (_fits_c_block(fast, x, cos_l, sin_l, head_dim) and _fits_c_block(fast, x, cos_f, sin_f, head_dim)):
             return None
         blocks = [layer._block_args(fast) for layer in self.layers]
         if any(b is None for b in blocks):

@@ -5,7 +5,6 @@ bandwidth; holding weights in 8 or 4 bits raises that bound 4-7x over float32.
 
 - `formats.py`  the QuantizedWeight format (a Linear's weight and an embedding table) and its matmuls
 - `gguf.py`     GGUF Q8_0 / Q5_0 / Q6_K / Q4_K / Q4_0 tensors repacked exactly, tensor by tensor
-
 - `calibrate.py` the importance of each input feature, measured on text, that weighs int4's fit
 
 `--weights`:  int8 / int4 quantize every Linear and the (tied) embedding; `auto` keeps a quantized GGUF's
