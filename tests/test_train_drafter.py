@@ -82,7 +82,7 @@ def test_self_generated_continuations_are_the_targets_greedy_output(tiny_gemma3_
                for split in ("train", "eval")}
     assert len(records["train"]) == 2 and len(records["eval"]) == 1  # N, and N / 8 (at least 1) held out
     docs = {d.id: d for d in interleave(build_corpus())[:60]}
-    target = load_model(str(tiny_gemma3_realtok_dir), dtype="float32", device="cpu")
+    target = load_model(str(tiny_gemma3_realtok_dir), dtype="auto", device="cpu")  # as they are generated
     plain = Engine(target, make_drafter("none", target), 0)
     plain.eos_ids = set()
     for split, recs in records.items():
@@ -107,3 +107,56 @@ def test_self_generated_continuations_are_the_targets_greedy_output(tiny_gemma3_
     before = [(work / f"{name}-train.jsonl").read_text() for name in ("selfgen", "opener")]
     assert _train(tiny_gemma3_realtok_dir, out, "--self-generated", "2", "--openers", "2", "--resume") == 0
     assert [(work / f"{name}-train.jsonl").read_text() for name in ("selfgen", "opener")] == before  # resumed
+
+
+def test_vocabulary_counts_the_targets_own_text_as_much_as_the_corpus():
+    import torch
+
+    from gemmaspec.train.teacher import frequent_tokens, mixed_frequencies
+
+    corpus = torch.zeros(10, dtype=torch.long)
+    corpus[:4] = torch.tensor([1000, 900, 800, 700])  # a large corpus without token 9
+    own = torch.zeros(10, dtype=torch.long)
+    own[9], own[0] = 30, 10  # the target's own (small) text: token 9 is most of it
+    assert 9 not in frequent_tokens(corpus, 3, []).tolist()
+    assert 9 in frequent_tokens(mixed_frequencies(corpus, own), 3, []).tolist()
+
+
+def test_init_from_keeps_a_trained_drafter_and_maps_new_head_rows(tiny_gemma3_realtok_dir, tmp_path):
+    import pytest
+    import torch
+
+    from gemmaspec.errors import GemmaspecError
+    from gemmaspec.models.assistant import AssistantConfig, AssistantModel, load_assistant
+    from gemmaspec.train.loop import warm_start
+
+    first = tmp_path / "first"
+    assert _train(tiny_gemma3_realtok_dir, first) == 0
+    old = load_assistant(first)
+    target = load_model(str(tiny_gemma3_realtok_dir), dtype="float32", device="cpu", weights="float")
+    kept = old.vocab_map[:400]
+    unseen = torch.tensor([t for t in range(target.model.config.vocab_size) if t not in set(old.vocab_map.tolist())][:50])
+    vocab = torch.sort(torch.cat([kept, unseen])).values
+    cfg = json.loads((first / "config.json").read_text()) | {"gemmaspec_vocab_size": len(vocab)}
+    model = AssistantModel(AssistantConfig.from_hf(cfg))
+    model.init_trainable(vocab, target.model)
+    warm_start(model, first, target.model)
+
+    for name, tensor in old.state_dict().items():
+        if name not in ("lm_head", "vocab_map"):
+            assert torch.equal(model.state_dict()[name], tensor), name
+    row_of = {int(t): i for i, t in enumerate(model.vocab_map.tolist())}
+    old_rows = {int(t): old.lm_head[i] for i, t in enumerate(old.vocab_map.tolist())}
+    for t in kept.tolist():
+        assert torch.equal(model.lm_head[row_of[t]], old_rows[t])
+    embed = target.model.embed_tokens.float()
+    fit = torch.linalg.lstsq(embed[kept].double(), torch.stack([old_rows[t] for t in kept.tolist()]).double()).solution
+    new_rows = model.lm_head[[row_of[t] for t in unseen.tolist()]]
+    torch.testing.assert_close(new_rows, (embed[unseen].double() @ fit).float())
+
+    wider = json.loads((first / "config.json").read_text())
+    wider["text_config"]["intermediate_size"] *= 2
+    other = AssistantModel(AssistantConfig.from_hf(wider))
+    other.init_trainable(old.vocab_map, target.model)
+    with pytest.raises(GemmaspecError, match="shape differs"):
+        warm_start(other, first, target.model)

@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--openers", type=int, default=0,
                    help="also distill on the target's continuations of N generated openers of many kinds of text "
                         "(code in 12 languages, JSON, e-mail/news/stories, maths, translation; N/8 held out)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from a trained drafter of this target and the same shape (its vocabulary may differ)")
     p.add_argument("--max-documents", type=int, default=0, help="use only the first N corpus documents (quick runs)")
     p.set_defaults(func=cmd_train_drafter)
 
@@ -52,7 +54,7 @@ def cmd_train_drafter(args) -> int:
     from ..errors import GemmaspecError
     from ..loading import load_model
     from .corpus import build_corpus, interleave
-    from .teacher import build_shards, frequent_tokens, token_frequencies
+    from .teacher import build_shards, frequent_tokens, mixed_frequencies, token_frequencies
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,12 +80,14 @@ def cmd_train_drafter(args) -> int:
     docs = interleave(build_corpus(args.corpus))
     if args.max_documents:
         docs = docs[: args.max_documents]
+    own = _own_continuations(args, docs, work) if (args.self_generated or args.openers) else []
     vocab_path = work / "vocab.pt"
     if vocab_path.exists():
         vocabs = torch.load(vocab_path)
     else:
         print("counting corpus tokens ...", file=sys.stderr)
-        counts = token_frequencies(docs, target.tokenizer, target.model.config.vocab_size)
+        counts = mixed_frequencies(token_frequencies(docs, target.tokenizer, target.model.config.vocab_size),
+                                   token_frequencies([d for d, _ in own], target.tokenizer, target.model.config.vocab_size))
         always = sorted(set(target.model.config.eos_token_ids) | {i for i in [target.tokenizer.token_id("<end_of_turn>")] if i is not None})
         vocabs = {"labels": frequent_tokens(counts, 2 * args.vocab, always),
                   "drafter": frequent_tokens(counts, args.vocab, always)}
@@ -93,8 +97,13 @@ def cmd_train_drafter(args) -> int:
     with tqdm(total=total, desc="teacher forcing", unit="seq", file=sys.stderr) as bar:
         build_shards(target.model, target.tokenizer, docs, work, "eval", args.seq_len, args.eval_sequences, vocabs["labels"], bar)
         build_shards(target.model, target.tokenizer, docs, work, "train", args.seq_len, args.sequences, vocabs["labels"], bar)
-    if args.self_generated or args.openers:
-        _self_generated_shards(args, target, docs, work, vocabs["labels"])
+    for name in dict.fromkeys(name for _, name in own):
+        series = [d for d, n in own if n == name]
+        with tqdm(total=len(series), desc=f"teacher forcing (own, {name})", unit="seq", file=sys.stderr) as bar:
+            for split in ("eval", "train"):
+                part = [d for d in series if d.split == split]
+                build_shards(target.model, target.tokenizer, part, work, split, args.seq_len, len(part),
+                             vocabs["labels"], bar, prefix=name)
 
     from .loop import train_drafter
 
@@ -102,10 +111,12 @@ def cmd_train_drafter(args) -> int:
     return 0
 
 
-def _self_generated_shards(args, target, docs, work: Path, label_vocab) -> None:
+def _own_continuations(args, docs, work: Path) -> list[tuple]:
     """The target's own continuations (train/selfgen.py) of corpus pieces and of generated openers
-    (train/openers.py), generated with the packed weights and prompt lookup (fast, and greedy output is exact),
-    then teacher-forced like the corpus."""
+    (train/openers.py), generated with prompt lookup (fast, and greedy output is exact):
+    (document, series name) pairs, teacher-forced like the corpus. They come before the vocabulary is chosen:
+    the drafter's vocabulary must hold what the target writes (code in many languages), not only what the
+    corpus holds (Python)."""
     from tqdm import tqdm
 
     from ..drafters.ngram import NgramDrafter
@@ -113,7 +124,6 @@ def _self_generated_shards(args, target, docs, work: Path, label_vocab) -> None:
     from ..loading import load_model
     from .openers import opener_pool
     from .selfgen import self_generated
-    from .teacher import build_shards
 
     series = []  # (name, source documents, whole document as prompt, new tokens, count per split)
     if args.self_generated:
@@ -121,18 +131,13 @@ def _self_generated_shards(args, target, docs, work: Path, label_vocab) -> None:
     if args.openers:
         series.append(("opener", opener_pool(args.seed), True, 128,
                        {"train": args.openers, "eval": max(1, args.openers // 8)}))
-    engine = Engine(load_model(args.model, dtype="float32", device="cpu", weights="auto"), NgramDrafter(), "auto")
+    # Generated as users run the target (its default dtype and weights): that is the text the drafter will see.
+    engine = Engine(load_model(args.model, dtype="auto", device="cpu", weights="auto"), NgramDrafter(), "auto")
     engine.eos_ids = set()  # keep every continuation the same length
-    generated = {}
+    own = []
     for name, sources, whole, new_tokens, counts in series:
-        generated[name] = []
         with tqdm(total=sum(counts.values()), desc=f"own continuations ({name})", unit="seq", file=sys.stderr) as bar:
             for split, count in counts.items():
-                generated[name] += self_generated(engine, sources, work, split, count, new_tokens=new_tokens,
-                                                  seed=args.seed, progress=bar, name=name, whole=whole)
-    del engine
-    for name, _, _, _, counts in series:
-        with tqdm(total=sum(counts.values()), desc=f"teacher forcing (own, {name})", unit="seq", file=sys.stderr) as bar:
-            for split, count in counts.items():
-                build_shards(target.model, target.tokenizer, generated[name], work, split, args.seq_len, count,
-                             label_vocab, bar, prefix=name)
+                own += [(d, name) for d in self_generated(engine, sources, work, split, count, new_tokens=new_tokens,
+                                                          seed=args.seed, progress=bar, name=name, whole=whole)]
+    return own

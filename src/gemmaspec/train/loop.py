@@ -152,6 +152,37 @@ def evaluate(model, target, data: TeacherData, depth: int, anchors_per_seq: int 
     }
 
 
+@torch.no_grad()
+def warm_start(model, folder: Path, target_model) -> None:
+    """Start from a trained drafter of the same shape (`--init-from`): its body as it is, its head rows for the
+    tokens both vocabularies keep, and for the new tokens rows mapped from the target's embedding by the
+    least-squares map (target embedding -> head row) fitted on the kept tokens."""
+    from ..errors import GemmaspecError
+    from ..models.assistant import load_assistant
+
+    old = load_assistant(folder)
+    if old.vocab_map is None:
+        raise GemmaspecError(f"--init-from {folder}: not a drafter with a trimmed vocabulary (train-drafter's output)")
+    mine = model.state_dict()
+    body = {k: v for k, v in old.state_dict().items() if k not in ("lm_head", "vocab_map")}
+    misfit = [k for k, v in body.items() if k not in mine or mine[k].shape != v.shape]
+    if misfit or old.lm_head.shape[1] != model.lm_head.shape[1]:
+        raise GemmaspecError(f"--init-from {folder}: its shape differs from this run's ({', '.join(misfit[:3]) or 'lm_head'})")
+    model.load_state_dict(body, strict=False)
+    old_row = {int(t): i for i, t in enumerate(old.vocab_map.tolist())}
+    kept = [(i, old_row[int(t)]) for i, t in enumerate(model.vocab_map.tolist()) if int(t) in old_row]
+    new = [i for i, t in enumerate(model.vocab_map.tolist()) if int(t) not in old_row]
+    embed = target_model.embed_tokens.detach().float()
+    mine_idx = torch.tensor([i for i, _ in kept], dtype=torch.long)
+    old_idx = torch.tensor([j for _, j in kept], dtype=torch.long)
+    model.lm_head[mine_idx] = old.lm_head[old_idx].float()
+    if new:
+        new_idx = torch.tensor(new, dtype=torch.long)
+        fit = torch.linalg.lstsq(embed[model.vocab_map[mine_idx]].double(), old.lm_head[old_idx].double()).solution
+        model.lm_head[new_idx] = (embed[model.vocab_map[new_idx]].double() @ fit).float()
+    print(f"initialised from {folder}: {len(kept)} head rows kept, {len(new)} new", file=sys.stderr)
+
+
 def train_drafter(target, work: Path, out: Path, vocab: torch.Tensor, args) -> None:
     from tqdm import tqdm
 
@@ -181,6 +212,8 @@ def train_drafter(target, work: Path, out: Path, vocab: torch.Tensor, args) -> N
         opt.load_state_dict(ckpt["opt"])
         step, history = ckpt["step"], ckpt.get("history", [])
         print(f"resuming at step {step}", file=sys.stderr)
+    elif getattr(args, "init_from", None):
+        warm_start(model, Path(args.init_from), tmodel)
 
     def lr_at(s: int) -> float:
         warm = 50

@@ -94,11 +94,24 @@ def _write(path: Path, batch, layers) -> None:
 
 
 def token_frequencies(docs: list[Document], tokenizer, vocab_size: int) -> torch.Tensor:
-    """How often each token id occurs in the training documents."""
+    """How often each token id occurs in the training documents (their exact ids where they have them)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for enc in tokenizer.fast.encode_batch([d.text for d in docs if d.split == "train"], add_special_tokens=False):
-        counts += torch.bincount(torch.tensor(enc.ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    train = [d for d in docs if d.split == "train"]
+    texts = [d.text for d in train if d.token_ids is None]
+    encoded = [enc.ids for enc in tokenizer.fast.encode_batch(texts, add_special_tokens=False)] if texts else []
+    for ids in encoded + [list(d.token_ids) for d in train if d.token_ids is not None]:
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
     return counts
+
+
+def mixed_frequencies(*counts: torch.Tensor) -> torch.Tensor:
+    """Token frequencies of several sources weighted equally (each normalized to its own total), so a small
+    source (the target's own continuations) counts as much as a large one (the corpus)."""
+    mixed = torch.zeros(counts[0].shape, dtype=torch.float64)
+    for c in counts:
+        if c.sum() > 0:
+            mixed += c.double() / c.sum()
+    return mixed
 
 
 def frequent_tokens(counts: torch.Tensor, n: int, always: list[int]) -> torch.Tensor:
