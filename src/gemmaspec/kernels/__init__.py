@@ -1,7 +1,8 @@
 """Our CPU kernels for decoding, in C: the matmuls of every weight format and a few fused small ops.
 
-`linear.c`: y = x @ W^T with W in int8, packed int4, bfloat16 or float32, float32 activations (quantized to
-int16 per group inside the int8/int4 matmuls: integer multiply-adds, 1.5-1.7x faster than widening the weights). PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
+`linear.c`: y = x @ W^T with W in int8, packed int4, bfloat16 or float32, float32 activations (quantized per
+group inside the int8/int4 matmuls for integer multiply-adds: to int8 against int4 in groups of 32 and int8 in
+groups of 16, the GGUF K-quants' formats, whose bytes vpdpbusd multiplies as they are; to int16 otherwise). PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
 bfloat16 activations on CPUs without AVX512 and are slow with float32 ones (see scripts/bench_weights.py
 --kernels), and none handles int8 with per-group scales. This small C kernel reads each weight once per call
 whatever the number of rows M of x (the speculative-verification shape), converts it in registers and
@@ -113,7 +114,7 @@ class Kernels:
 
     def linear(self, w, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 contiguous -> [M, N] float32, for a QuantizedWeight `w` on the CPU (group at most
-        `max_group`). x is quantized to int16 per row and group inside (linear.c)."""
+        `max_group`). x is quantized to int8 or int16 per row and group inside (linear.c)."""
         M, K = x.shape
         bits, f32, q, scales, bias, group, N = w.kernel_args()
         y = torch.empty(M, N, dtype=torch.float32)

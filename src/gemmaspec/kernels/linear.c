@@ -429,10 +429,344 @@ RANGE_FNS(f, 1)  // float32 scales
 #undef TILE
 #undef WIDE_TILES
 
+
+// ---- int8 activations: int4 weights in groups of 32, int8 weights in groups of 16 ----------------------------
+// The int16 path above widens every weight to 16 bits and does 16 multiply-adds per instruction: at one row of x
+// (plain decoding) int4 matmuls were bound by those instructions, not by DRAM (~24 GB/s of weights where float32
+// ones streamed at ~36). For the formats of GGUF K-quants (Q4_K: int4 in 32s; Q6_K: int8 in 16s, the default
+// model's embedding / LM head) x is quantized to int8 per group instead (xs_j = max|x in group j| / 127: a
+// relative error of at most 2^-8 of the group's largest value, still well below the weights' own) and the weights
+// are multiplied as unsigned bytes with vpdpbusd, 32 multiply-adds per instruction: int4 nibbles (0..15) as they
+// are, int8 values offset by 128 (the exact correction, 128 * the integer sum of each group of xq, is subtracted
+// from the int32 dot).
+// Both formats keep a group in 16 bytes, so 32 bytes hold a pair of groups j, j+1 and a pair's dot comes out with
+// int32 lanes 0-3 summing group j, lanes 4-7 group j+1. int4: the low nibbles are [j: 0..15 | j+1: 0..15], the
+// high ones [j: 16..31 | j+1: 16..31], and x is stored in that order (xq8_at); int8: in order.
+// Groups go eight at a time: three horizontal adds fold four pairs into [j0 j2 j4 j6 | j1 j3 j5 j7] (exact in
+// int32), converted and scaled in one FMA by s and xs in that order (xs and the corrections are stored so, the
+// scales are permuted); then the leftover pairs one at a time, then a last odd group. A fixed order whatever M
+// is, shared by the tile of several rows of x and the one-row tile of QR weight rows (same bits).
+#define BYTE_GROUP(BITS) ((BITS) == 4 ? 32 : 16)  // values per group (16 bytes)
+
+// offset of x value c of group j in a row of G groups
+static inline size_t xq8_at(const int BITS, int G, int j, int c) {
+    if (BITS == 8 || (j | 1) >= G) return (size_t)j * BYTE_GROUP(BITS) + c;  // in order (int4: a last odd group)
+    return (size_t)(j & ~1) * 32 + (c >= 16 ? 32 : 0) + (j & 1) * 16 + (c & 15);
+}
+
+// offset of group j's scale / correction in a row of G groups: blocks of eight in the order [0 2 4 6 1 3 5 7],
+// then in order
+static inline size_t xs8_at(int G, int j) {
+    if (j >= G / 8 * 8) return (size_t)j;
+    const int i = j & 7;
+    return (size_t)(j & ~7) + (i >> 1) + 4 * (i & 1);
+}
+
+// xq, xsc as above; xcorr (int8 weights): 128 * the sum of xq per group; xs: the float sums of x per group (bias
+// term), in order
+static void quantize_rows_i8(const int BITS, const float *x, int M, int K, int with_sums, int8_t *xq, float *xsc,
+                             int32_t *xcorr, float *xs) {
+    const int g = BYTE_GROUP(BITS), G = K / g;
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < G; j++) {
+            const float *xi = x + (size_t)m * K + (size_t)j * g;
+            float mx = 0.0f, sum = 0.0f;
+            for (int c = 0; c < g; c++) {
+                const float a = fabsf(xi[c]);
+                mx = a > mx ? a : mx;
+                sum += xi[c];
+            }
+            const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+            int32_t isum = 0;
+            for (int c = 0; c < g; c++) {
+                const int v = (int)lrintf(xi[c] * inv);
+                xq[(size_t)m * K + xq8_at(BITS, G, j, c)] = (int8_t)v;
+                isum += v;
+            }
+            xsc[(size_t)m * G + xs8_at(G, j)] = mx / 127.0f;
+            if (BITS == 8) xcorr[(size_t)m * G + xs8_at(G, j)] = 128 * isum;
+            if (with_sums) xs[(size_t)m * G + j] = sum;
+        }
+}
+
+#ifdef GS_AVX2
+static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, w, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else  // bytes widened to int16 (pmaddubsw could saturate on 255 * 127 * 2); the same exact sum per 128-bit lane
+    const __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi8(w, _mm256_setzero_si256()),
+                                         _mm256_srai_epi16(_mm256_unpacklo_epi8(x, x), 8));
+    const __m256i hi = _mm256_madd_epi16(_mm256_unpackhi_epi8(w, _mm256_setzero_si256()),
+                                         _mm256_srai_epi16(_mm256_unpackhi_epi8(x, x), 8));
+    return _mm256_add_epi32(acc, _mm256_add_epi32(lo, hi));
+#endif
+}
+
+// the weight vectors of groups j, j+1 (the 32 bytes at q): int4 low and high nibbles, int8 offset to unsigned
+static inline __attribute__((always_inline)) void pair_weights(const int BITS, const char *q, __m256i *a, __m256i *b) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)q);
+    if (BITS == 8) {
+        *a = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80));
+        return;
+    }
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    *a = _mm256_and_si256(raw, mask);
+    *b = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+}
+
+static inline __attribute__((always_inline)) __m256i pair_dot(const int BITS, __m256i a, __m256i b, const int8_t *x) {
+    const __m256i d = dot_u8s8(_mm256_setzero_si256(), a, _mm256_loadu_si256((const __m256i *)x));
+    return BITS == 8 ? d : dot_u8s8(d, b, _mm256_loadu_si256((const __m256i *)(x + 32)));
+}
+
+// scales s_j .. s_j+7 in the order [0 2 4 6 1 3 5 7]
+static inline __attribute__((always_inline)) __m256 scales8(int f32, const char *s, int j) {
+    const __m256 v = f32 ? _mm256_loadu_ps((const float *)s + j)
+                         : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + j)));
+    return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+
+// pairs (j, j+1) + (j+2, j+3) folded: half 0 keeps them in *h, half 1 (groups j+4..j+7) folds all eight, less
+// the int8 corrections, scaled by c8 * xs8 into *acc
+static inline __attribute__((always_inline)) void fold_pairs(const int BITS, int half, __m256i d0, __m256i d1,
+        __m256 c8, const float *xs8, const int32_t *corr8, __m256i *h, __m256 *acc) {
+    const __m256i f = _mm256_hadd_epi32(d0, d1);
+    if (!half) {
+        *h = f;
+        return;
+    }
+    __m256i t = _mm256_hadd_epi32(*h, f);
+    if (BITS == 8) t = _mm256_sub_epi32(t, _mm256_loadu_si256((const __m256i *)corr8));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(c8, _mm256_loadu_ps(xs8)), *acc);
+}
+
+// a leftover pair (j, j+1): lanes 0-3 scaled by c0 = s_j xs_j, lanes 4-7 by c1 (int8: less the corrections)
+static inline __attribute__((always_inline)) __m256 pair_leftover(const int BITS, __m256i d, const int32_t *corr,
+                                                                  float c0, float c1, __m256 acc) {
+    if (BITS == 8) d = _mm256_sub_epi32(d, _mm256_setr_epi32(corr[0], 0, 0, 0, corr[1], 0, 0, 0));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set_m128(_mm_set1_ps(c1), _mm_set1_ps(c0)), acc);
+}
+
+// a last odd group j: its 16 bytes at q, x in order
+static inline __attribute__((always_inline)) __m256 odd_group(const int BITS, const char *q, const int8_t *x,
+                                                              int32_t corr, float c, __m256 acc) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0f);
+    __m256i d;
+    if (BITS == 8) {
+        const __m256i w = _mm256_zextsi128_si256(_mm_xor_si128(raw, _mm_set1_epi8((char)0x80)));
+        d = dot_u8s8(_mm256_setzero_si256(), w, _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x)));
+        d = _mm256_sub_epi32(d, _mm256_setr_epi32(corr, 0, 0, 0, 0, 0, 0, 0));
+    } else {
+        const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+        d = dot_u8s8(_mm256_setzero_si256(), w, _mm256_loadu_si256((const __m256i *)x));
+    }
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(c), acc);
+}
+
+// one weight row (q, s, b) x mt rows of x
+static inline __attribute__((always_inline)) void tile8(const int BITS, int f32, const char *q, const char *s,
+        const char *b, int K, const int8_t *xq, const float *xsc, const int32_t *xcorr, const float *xs, int G,
+        const int mt, float *r) {
+    const int GX = BYTE_GROUP(BITS);  // x values per group
+    __m256 acc[QMT];
+    __m256i h[QMT];
+    for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= G; j += 8)
+        for (int half = 0; half < 2; half++) {
+            const int j0 = j + 4 * half;
+            __m256i a0, b0, a1, b1;
+            pair_weights(BITS, q + (size_t)j0 * 16, &a0, &b0);
+            pair_weights(BITS, q + (size_t)j0 * 16 + 32, &a1, &b1);
+            const __m256 c8 = half ? scales8(f32, s, j) : _mm256_setzero_ps();
+            for (int m = 0; m < mt; m++) {
+                const int8_t *xm = xq + (size_t)m * K + (size_t)j0 * GX;
+                fold_pairs(BITS, half, pair_dot(BITS, a0, b0, xm), pair_dot(BITS, a1, b1, xm + 2 * GX), c8,
+                           xsc + (size_t)m * G + j, xcorr + (size_t)m * G + j, &h[m], &acc[m]);
+            }
+        }
+    for (; j + 2 <= G; j += 2) {
+        __m256i a, bb;
+        pair_weights(BITS, q + (size_t)j * 16, &a, &bb);
+        const float s0 = SC(s, j), s1 = SC(s, j + 1);
+        for (int m = 0; m < mt; m++) {
+            const float *xc = xsc + (size_t)m * G + j;
+            acc[m] = pair_leftover(BITS, pair_dot(BITS, a, bb, xq + (size_t)m * K + (size_t)j * GX),
+                                   xcorr + (size_t)m * G + j, s0 * xc[0], s1 * xc[1], acc[m]);
+        }
+    }
+    if (j < G)
+        for (int m = 0; m < mt; m++)
+            acc[m] = odd_group(BITS, q + (size_t)j * 16, xq + (size_t)m * K + (size_t)j * GX,
+                               BITS == 8 ? xcorr[(size_t)m * G + j] : 0, SC(s, j) * xsc[(size_t)m * G + j], acc[m]);
+    float bt[QMT] = {0.0f};
+    if (b) bias_terms(f32, b, xs, G, mt, bt);
+    for (int m = 0; m < mt; m++) r[m] = hsum(acc[m]) + bt[m];
+}
+
+// one row of x, QR weight rows side by side: tile8's operations for mt = 1, row by row in the same order
+static inline __attribute__((always_inline)) void tile8_rows(const int BITS, int f32, const char *q,
+        size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
+        const int32_t *xcorr, const float *xs, int G, float *r) {
+    const int GX = BYTE_GROUP(BITS);
+    __m256 acc[QR];
+    __m256i h[QR];
+    for (int i = 0; i < QR; i++) acc[i] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= G; j += 8)
+        for (int half = 0; half < 2; half++) {
+            const int j0 = j + 4 * half;
+            const int8_t *x0 = xq + (size_t)j0 * GX;
+            for (int i = 0; i < QR; i++) {
+                __m256i a0, b0, a1, b1;
+                pair_weights(BITS, q + i * row_bytes + (size_t)j0 * 16, &a0, &b0);
+                pair_weights(BITS, q + i * row_bytes + (size_t)j0 * 16 + 32, &a1, &b1);
+                const __m256 c8 = half ? scales8(f32, s + i * srow, j) : _mm256_setzero_ps();
+                fold_pairs(BITS, half, pair_dot(BITS, a0, b0, x0), pair_dot(BITS, a1, b1, x0 + 2 * GX), c8, xsc + j,
+                           xcorr + j, &h[i], &acc[i]);
+            }
+        }
+    for (; j + 2 <= G; j += 2)
+        for (int i = 0; i < QR; i++) {
+            __m256i a, bb;
+            pair_weights(BITS, q + i * row_bytes + (size_t)j * 16, &a, &bb);
+            const char *si = s + i * srow;
+            acc[i] = pair_leftover(BITS, pair_dot(BITS, a, bb, xq + (size_t)j * GX), xcorr + j, SC(si, j) * xsc[j],
+                                   SC(si, j + 1) * xsc[j + 1], acc[i]);
+        }
+    if (j < G)
+        for (int i = 0; i < QR; i++)
+            acc[i] = odd_group(BITS, q + i * row_bytes + (size_t)j * 16, xq + (size_t)j * GX, BITS == 8 ? xcorr[j] : 0,
+                               SC(s + i * srow, j) * xsc[j], acc[i]);
+    for (int i = 0; i < QR; i++) {
+        float bt = 0.0f;
+        if (b) bias_terms(f32, b + i * srow, xs, G, 1, &bt);
+        r[i] = hsum(acc[i]) + bt;
+    }
+}
+#else
+static void tile8(const int BITS, int f32, const char *q, const char *s, const char *b, int K, const int8_t *xq,
+                  const float *xsc, const int32_t *xcorr, const float *xs, int G, const int mt, float *r) {
+    const int g = BYTE_GROUP(BITS);
+    for (int m = 0; m < mt; m++) {
+        float tot[2] = {0.0f, 0.0f}, bacc = 0.0f;
+        for (int j = 0; j < G; j++) {
+            int32_t dot = 0;  // the signed dot: the int8 offset and its correction cancel exactly
+            for (int c = 0; c < g; c++) {
+                const int v = BITS == 8 ? ((const int8_t *)q)[j * 16 + c]
+                                        : (((const uint8_t *)q)[j * 16 + (c & 15)] >> (c & 16 ? 4 : 0)) & 15;
+                dot += v * xq[(size_t)m * K + xq8_at(BITS, G, j, c)];
+            }
+            tot[j & 1] += (float)dot * (SC(s, j) * xsc[(size_t)m * G + xs8_at(G, j)]);
+            if (b) bacc += SC(b, j) * xs[(size_t)m * G + j];
+        }
+        r[m] = tot[0] + tot[1] + bacc;
+    }
+    (void)xcorr;
+}
+
+static void tile8_rows(const int BITS, int f32, const char *q, size_t row_bytes, const char *s, size_t srow,
+                       const char *b, const int8_t *xq, const float *xsc, const int32_t *xcorr, const float *xs, int G,
+                       float *r) {
+    for (int i = 0; i < QR; i++)
+        tile8(BITS, f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, G * BYTE_GROUP(BITS), xq, xsc, xcorr,
+              xs, G, 1, r + i);
+}
+#endif
+
+struct job8 {
+    int M, K, G;
+    const int8_t *xq;
+    const float *xsc;
+    const int32_t *xcorr;
+    const float *xs;
+    const char *q, *s, *b;
+    size_t srow;
+    int64_t N;
+    float *y;
+};
+
+#define TILE8(MTC) tile8(BITS, f32, qn, sn, bn, K, jb->xq + (size_t)m0 * K, jb->xsc + (size_t)m0 * G, \
+                         jb->xcorr + (size_t)m0 * G, jb->xs ? jb->xs + (size_t)m0 * G : NULL, G, MTC, r)
+#if QMT == 8
+#define WIDE_TILES8 case 8: TILE8(8); break; case 7: TILE8(7); break; case 6: TILE8(6); break; case 5: TILE8(5); break;
+#else
+#define WIDE_TILES8
+#endif
+#define RANGE8_FN(NAME, B, F32)                                                                                    \
+static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                      \
+    const struct job8 *jb = (const struct job8 *)ctx;                                                           \
+    const int BITS = B, f32 = F32, M = jb->M, K = jb->K, G = jb->G;                                             \
+    const size_t row_bytes = (size_t)G * 16, srow = jb->srow;                                                   \
+    float r[QMT];                                                                                               \
+    int64_t row = n_begin;                                                                                      \
+    if (M == 1) {                                                                                               \
+        for (; row + QR <= n_end; row += QR) {                                                                  \
+            if (row + (PF_TILES + 1) * QR <= n_end) {                                                           \
+                const size_t ahead = (size_t)(row + PF_TILES * QR);                                             \
+                prefetch_span(jb->q + ahead * row_bytes, QR * row_bytes);                                       \
+                prefetch_span(jb->s + ahead * srow, QR * srow);                                                 \
+                if (jb->b) prefetch_span(jb->b + ahead * srow, QR * srow);                                      \
+            }                                                                                                   \
+            tile8_rows(BITS, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow, srow, \
+                       jb->b ? jb->b + (size_t)row * srow : NULL, jb->xq, jb->xsc, jb->xcorr, jb->xs, G, r);    \
+            for (int i = 0; i < QR; i++) jb->y[row + i] = r[i];                                                 \
+        }                                                                                                       \
+    }                                                                                                           \
+    for (; row < n_end; row++) {                                                                                \
+        const char *qn = jb->q + (size_t)row * row_bytes, *sn = jb->s + (size_t)row * srow;                     \
+        const char *bn = jb->b ? jb->b + (size_t)row * srow : NULL;                                             \
+        for (int m0 = 0; m0 < M; m0 += QMT) {                                                                   \
+            const int tm = M - m0 < QMT ? M - m0 : QMT;                                                         \
+            switch (tm) {                                                                                       \
+                WIDE_TILES8                                                                                     \
+                case 4: TILE8(4); break;                                                                        \
+                case 3: TILE8(3); break;                                                                        \
+                case 2: TILE8(2); break;                                                                        \
+                default: TILE8(1); break;                                                                       \
+            }                                                                                                   \
+            for (int mm = 0; mm < tm; mm++) jb->y[(size_t)(m0 + mm) * jb->N + row] = r[mm];                     \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+RANGE8_FN(range_i4x8_h, 4, 0)
+RANGE8_FN(range_i4x8_f, 4, 1)
+RANGE8_FN(range_i8x8_h, 8, 0)
+RANGE8_FN(range_i8x8_f, 8, 1)
+#undef RANGE8_FN
+#undef TILE8
+#undef WIDE_TILES8
+
+// int4 in groups of 32 or int8 in groups of 16, int8 activations
+static void linear_x8(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
+                      int64_t N, float *y, int nthreads) {
+    const int G = K / BYTE_GROUP(bits);
+    int8_t *xq = (int8_t *)malloc((size_t)M * K);
+    float *xsc = (float *)malloc((size_t)M * G * sizeof(float) * 2), *xs = b ? xsc + (size_t)M * G : NULL;
+    int32_t *xcorr = (int32_t *)malloc((size_t)M * G * sizeof(int32_t));
+    if (bits == 4)
+        quantize_rows_i8(4, x, M, K, b != NULL, xq, xsc, xcorr, xs);
+    else
+        quantize_rows_i8(8, x, M, K, b != NULL, xq, xsc, xcorr, xs);
+    const struct job8 jb = {M, K, G, xq, xsc, xcorr, xs, (const char *)q, (const char *)s, (const char *)b,
+                            (size_t)G * (f32 ? 4 : 2), N, y};
+    static const row_range_fn fns[2][2] = {{range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}};
+    split_rows(fns[bits == 8][f32 != 0], &jb, N, 4, N * K * M, nthreads);
+    free(xq);
+    free(xsc);
+    free(xcorr);
+}
+
 // ---- exported ---------------------------------------------------------------------------------------
 // y[M, N] = x[M, K] @ dequant(W)^T, the rows of W split over threads. g <= MAX_GROUP (gsq_max_group()).
 void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
                 int g, int64_t N, float *y, int nthreads) {
+    if ((bits == 4 && g == 32) || (bits == 8 && g == 16)) {
+        linear_x8(bits, f32, x, M, K, q, s, b, N, y, nthreads);
+        return;
+    }
     const int G = K / g;
     int16_t *xq = (int16_t *)malloc((size_t)M * K * sizeof(int16_t));
     float *xsc = (float *)malloc((size_t)M * G * sizeof(float) * 2), *xs = b ? xsc + (size_t)M * G : NULL;
