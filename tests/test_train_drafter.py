@@ -160,3 +160,14 @@ def test_init_from_keeps_a_trained_drafter_and_maps_new_head_rows(tiny_gemma3_re
     other.init_trainable(old.vocab_map, target.model)
     with pytest.raises(GemmaspecError, match="shape differs"):
         warm_start(other, first, target.model)
+
+
+def test_opener_genres_are_a_series_of_their_own(tiny_gemma3_realtok_dir, tmp_path, capsys):
+    out = tmp_path / "drafter"
+    assert _train(tiny_gemma3_realtok_dir, out, "--openers", "2", "--opener-genres", "poetry") == 2
+    assert "unknown genre poetry" in capsys.readouterr().err
+    assert _train(tiny_gemma3_realtok_dir, out, "--openers", "2", "--opener-genres", "code", "--resume") == 0
+    recs = [json.loads(line) for line in (out / "work" / "opener-code-train.jsonl").read_text().splitlines()]
+    pool = {d.id: d for d in opener_pool()}
+    assert len(recs) == 2 and all(pool[r["source"]].kind == "opener-code" for r in recs)
+    assert list((out / "work" / "teacher" / "train").glob("opener-code*.pt"))

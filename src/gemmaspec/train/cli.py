@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--openers", type=int, default=0,
                    help="also distill on the target's continuations of N generated openers of many kinds of text "
                         "(code in 12 languages, JSON, e-mail/news/stories, maths, translation; N/8 held out)")
+    p.add_argument("--opener-genres", default=None, metavar="LIST",
+                   help="only openers of these genres (comma-separated: code,json,prose,translation,math); a series "
+                        "of its own, so a resumed run can add e.g. more code to the openers it already has")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from a trained drafter of this target and the same shape (its vocabulary may differ)")
     p.add_argument("--max-documents", type=int, default=0, help="use only the first N corpus documents (quick runs)")
@@ -122,15 +125,24 @@ def _own_continuations(args, docs, work: Path) -> list[tuple]:
     from ..drafters.ngram import NgramDrafter
     from ..engine import Engine
     from ..loading import load_model
-    from .openers import opener_pool
+    from ..errors import GemmaspecError
+    from .openers import GENRES, opener_pool
     from .selfgen import self_generated
 
     series = []  # (name, source documents, whole document as prompt, new tokens, count per split)
     if args.self_generated:
         series.append(("selfgen", docs, False, 96, {"train": args.self_generated, "eval": max(1, args.self_generated // 8)}))
     if args.openers:
-        series.append(("opener", opener_pool(args.seed), True, 128,
-                       {"train": args.openers, "eval": max(1, args.openers // 8)}))
+        pool, name = opener_pool(args.seed), "opener"
+        if args.opener_genres:
+            genres = sorted({g.strip() for g in args.opener_genres.split(",") if g.strip()})
+            unknown = [g for g in genres if g not in GENRES]
+            if unknown or not genres:
+                raise GemmaspecError(f"--opener-genres: unknown genre {', '.join(unknown) or '(none)'} "
+                                     f"(known: {', '.join(GENRES)})")
+            pool = [d for d in pool if d.kind.removeprefix("opener-") in genres]
+            name = "opener-" + "-".join(genres)
+        series.append((name, pool, True, 128, {"train": args.openers, "eval": max(1, args.openers // 8)}))
     # Generated as users run the target (its default dtype and weights): that is the text the drafter will see.
     engine = Engine(load_model(args.model, dtype="auto", device="cpu", weights="auto"), NgramDrafter(), "auto")
     engine.eos_ids = set()  # keep every continuation the same length
