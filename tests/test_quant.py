@@ -32,10 +32,10 @@ def _weight(N=300, K=128, seed=0):
     return w
 
 
-def activation_levels(qw: QuantizedWeight) -> float:
-    """The integer range the C kernel rounds x to (kernels/linear.c): int8 against int4 weights in groups of 32 and
-    int8 weights in groups of 16 (vpdpbusd on the weights' bytes), else int16."""
-    return 127.0 if (qw.bits, qw.group) in ((4, 32), (8, 16)) else 32767.0
+def byte_path(qw: QuantizedWeight, x: torch.Tensor) -> bool:
+    """Whether the C kernel rounds x to int8 (kernels/linear.c): for a bfloat16 model, against int4 weights in
+    groups of 32 and int8 weights in groups of 16 (vpdpbusd on the weights' bytes); else to int16."""
+    return x.dtype == torch.bfloat16 and (qw.bits, qw.group) in ((4, 32), (8, 16))
 
 
 def kernel_rounded(x: torch.Tensor, group: int, levels: float) -> torch.Tensor:
@@ -52,14 +52,25 @@ def _kernel_path(qw: QuantizedWeight, x: torch.Tensor) -> bool:
     return k is not None and x.shape[0] <= kernels.MAX_ROWS and qw.group <= k.max_group
 
 
-def _reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+def _reference(qw: QuantizedWeight, x: torch.Tensor, x8: bool = False) -> torch.Tensor:
     """The exact product (in float64) of the dequantized weights with the activations the matmul path uses:
     the kernel multiplies s * q by the integer-rounded x and the group bias b by the float group sums of x."""
     w = qw.dequantize(dtype=torch.float32).double()
     if not _kernel_path(qw, x):
         return (x.double() @ w.t()).float()
+    multiplied, bias = kernel_split(qw, x8)
+    return (kernel_rounded(x, qw.group, 127.0 if x8 else 32767.0).double() @ multiplied.t() + x.double() @ bias.t()).float()
+
+
+def kernel_split(qw: QuantizedWeight, x8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w = multiplied + bias as the kernel splits it (float64): s * q times the rounded x and the group bias b
+    times the float group sums of x; int4 in groups of 32 against int8 activations (x8) centres its values,
+    s * (q - 8) and b + 8 s."""
+    w = qw.dequantize(dtype=torch.float32).double()
     bias = torch.zeros_like(w) if qw.bias is None else qw.bias.double().repeat_interleave(qw.group, 1)
-    return (kernel_rounded(x, qw.group, activation_levels(qw)).double() @ (w - bias).t() + x.double() @ bias.t()).float()
+    if x8 and (qw.bits, qw.group) == (4, 32):
+        bias = bias + 8 * qw.scales.double().repeat_interleave(qw.group, 1)
+    return w - bias, bias
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -74,10 +85,9 @@ def test_matmul_equals_dequantized_reference(backend, bits, M, group):
     assert y.shape == (M, w.shape[0]) and y.dtype == torch.float32
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()  # float32 rounding only
     # the integer rounding of the activations (kernel path) moves y by at most half a step of each group's grid
-    # (it multiplies s * q, not the group bias: int4's b = -8 s-ish makes |s * q| up to twice |w|)
-    levels = activation_levels(qw) if _kernel_path(qw, x) else 32767.0
-    step = x.view(M, -1, group).abs().amax(-1) / levels
-    sq = qw.dequantize() - (0 if qw.bias is None else qw.bias.float().repeat_interleave(group, 1))
+    # (it multiplies s * q, or s * (q - 8) for int4 in 32s, not the group bias: |s * q| can be twice |w|)
+    step = x.view(M, -1, group).abs().amax(-1) / 32767
+    sq = kernel_split(qw, False)[0] if _kernel_path(qw, x) else qw.dequantize().double()
     bound = (0.5 * sq.abs().view(w.shape[0], -1, group).sum(-1).double() @ step.double().t()).t()
     exact = (x.double() @ qw.dequantize().double().t())
     assert ((y.double() - exact).abs() <= bound + 1e-5 * exact.abs().max()).all()
@@ -92,13 +102,14 @@ def test_matmul_equals_dequantized_reference(backend, bits, M, group):
         assert (err.pow(2).mean(-1).sqrt() <= 0.35 * step + 1e-6).all()  # uniform rounding: step / sqrt(12)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_bfloat16_activations_and_leading_dims(bits):
-    qw = quantize(_weight(K=64), bits, dtype=torch.bfloat16)
+@pytest.mark.parametrize("bits, group", [(8, 32), (4, 32), (8, 16), (4, 16)])  # int8 activations for (4, 32), (8, 16)
+def test_bfloat16_activations_and_leading_dims(bits, group):
+    qw = quantize(_weight(K=64), bits, group=group, dtype=torch.bfloat16)
     x = torch.randn(3, 2, 64).bfloat16()
     y = qw.linear(x)
     assert y.shape == (3, 2, 300) and y.dtype == torch.bfloat16
-    ref = _reference(qw, x.float().reshape(6, 64)).reshape(3, 2, 300)
+    x2 = x.float().reshape(6, 64)
+    ref = _reference(qw, x2, byte_path(qw, x) and _kernel_path(qw, x2)).reshape(3, 2, 300)
     assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
@@ -106,7 +117,8 @@ def test_bfloat16_activations_and_leading_dims(bits):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("K, group", [(640, 32), (672, 32), (96, 16), (672, 16), (656, 16), (448, 64)])  # leftover groups, G = 0 path
 @pytest.mark.parametrize("f32_scales", [False, True])  # float32: the GGUF K-quants' scales
-def test_kernel_rows_do_not_depend_on_M(bits, K, group, f32_scales):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: int8 activations where they apply
+def test_kernel_rows_do_not_depend_on_M(bits, K, group, f32_scales, dtype):
     """Each row of x is accumulated in the same order whatever M is (one row of x takes a path of its own, four
     weight rows at a time; N = 257 leaves one over): verification logits equal decode ones."""
     if bits == 4 and K % 32:
@@ -114,7 +126,7 @@ def test_kernel_rows_do_not_depend_on_M(bits, K, group, f32_scales):
     qw = quantize(_weight(N=257, K=K), bits, group=group)
     if f32_scales:
         qw = QuantizedWeight(bits, qw.q, qw.scales.float(), None if qw.bias is None else qw.bias.float(), group, K)
-    x = torch.randn(33, K)
+    x = torch.randn(33, K).to(dtype)
     full = qw.linear(x)
     for m in range(33):
         assert torch.equal(qw.linear(x[m:m + 1]), full[m:m + 1])

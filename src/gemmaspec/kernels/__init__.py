@@ -1,8 +1,9 @@
 """Our CPU kernels for decoding, in C: the matmuls of every weight format and a few fused small ops.
 
 `linear.c`: y = x @ W^T with W in int8, packed int4, bfloat16 or float32, float32 activations (quantized per
-group inside the int8/int4 matmuls for integer multiply-adds: to int8 against int4 in groups of 32 and int8 in
-groups of 16, the GGUF K-quants' formats, whose bytes vpdpbusd multiplies as they are; to int16 otherwise). PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
+group inside the int8/int4 matmuls for integer multiply-adds: to int16, or for a bfloat16 model to int8 against
+int4 in groups of 32 and int8 in groups of 16, the GGUF K-quants' formats, whose bytes vpdpbusd multiplies as
+they are). PyTorch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only with
 bfloat16 activations on CPUs without AVX512 and are slow with float32 ones (see scripts/bench_weights.py
 --kernels), and none handles int8 with per-group scales. This small C kernel reads each weight once per call
 whatever the number of rows M of x (the speculative-verification shape), converts it in registers and
@@ -86,7 +87,7 @@ class Kernels:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.gsq_linear.argtypes = [I, I, P, I, I, P, P, P, I, I64, P, I]
+        lib.gsq_linear.argtypes = [I, I, I, P, I, I, P, P, P, I, I64, P, I]
         lib.gsq_linear.restype = None
         lib.gsq_dequant.argtypes = [I, I, P, P, P, I, I, P, I64, I64, P, I]
         lib.gsq_dequant.restype = None
@@ -112,13 +113,14 @@ class Kernels:
         self.simd = "+".join(name for bit, name in ((1, "avx2"), (2, "vnni"), (4, "avx512")) if simd & bit) or "portable C"
         self.max_group = lib.gsq_max_group()  # larger groups could overflow the int32 dot products
 
-    def linear(self, w, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, w, x: torch.Tensor, x8: bool = False) -> torch.Tensor:
         """x [M, K] float32 contiguous -> [M, N] float32, for a QuantizedWeight `w` on the CPU (group at most
-        `max_group`). x is quantized to int8 or int16 per row and group inside (linear.c)."""
+        `max_group`). x is quantized to int16 per row and group inside (linear.c); with x8 (a bfloat16 model), to
+        int8 against int4 in groups of 32 and int8 in groups of 16."""
         M, K = x.shape
         bits, f32, q, scales, bias, group, N = w.kernel_args()
         y = torch.empty(M, N, dtype=torch.float32)
-        self.lib.gsq_linear(bits, f32, x.data_ptr(), M, K, q, scales, bias, group, N, y.data_ptr(),
+        self.lib.gsq_linear(bits, f32, int(x8), x.data_ptr(), M, K, q, scales, bias, group, N, y.data_ptr(),
                             torch.get_num_threads())
         return y
 

@@ -15,8 +15,8 @@
 #include "common.h"
 
 // the kernels of linear.c and ops.c
-void gsq_linear(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
-                int g, int64_t N, float *y, int nthreads);
+void gsq_linear(int bits, int f32, int x8, const float *x, int M, int K, const void *q, const void *s,
+                const void *b, int g, int64_t N, float *y, int nthreads);
 void gsq_linear_f32(const float *x, int M, int K, const float *w, int64_t N, float *y, int nthreads);
 void gsq_linear_bf16(const float *x, int M, int K, const uint16_t *w, int64_t N, float *y, int nthreads);
 void gso_rms_norm(const float *x, const float *w, float eps, int rows, int dim, const float *add, float *out);
@@ -44,13 +44,14 @@ struct gs_gemma3_block {
     int hidden, n_q, n_kv, head_dim, inter;
 };
 
-static void matmul(const struct gs_weight *w, const float *x, int M, int K, float *y, int nthreads) {
+// bf16: the model's dtype is bfloat16 (the int8/int4 kernels may round x to int8, linear.c)
+static void matmul(const struct gs_weight *w, const float *x, int M, int K, float *y, int bf16, int nthreads) {
     if (w->kind == 0)
         gsq_linear_f32(x, M, K, (const float *)w->q, w->N, y, nthreads);
     else if (w->kind == 1)
         gsq_linear_bf16(x, M, K, (const uint16_t *)w->q, w->N, y, nthreads);
     else
-        gsq_linear(w->kind, w->f32, x, M, K, w->q, w->s, w->b, w->group, w->N, y, nthreads);
+        gsq_linear(w->kind, w->f32, bf16, x, M, K, w->q, w->s, w->b, w->group, w->N, y, nthreads);
 }
 
 // x_out[T, hidden] = the block applied to x_in. The new tokens' K/V go to cache slots slots[t] of kbuf/vbuf
@@ -76,7 +77,7 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
     }
 
     gso_rms_norm(xi, b->input_norm, b->eps, T, H, NULL, h);
-    matmul(&b->qkv, h, T, H, qkv, nthreads);
+    matmul(&b->qkv, h, T, H, qkv, bf16, nthreads);
     gso_qk_norm_rope(qkv, T, row, b->n_q, b->n_kv, hd, b->q_norm, b->k_norm, b->eps, cos, sin, hd);
     for (int t = 0; t < T; t++)
         for (int j = 0; j < b->n_kv; j++) {
@@ -94,13 +95,13 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
         }
     gso_attention(qkv, T, b->n_q, hd, row, hd, kbuf, capacity * hd, hd, vbuf, capacity * hd, hd, b->n_kv, S, hd,
                   mask, b->scale, attn, bf16, nthreads);
-    matmul(&b->o, attn, T, q_dim, h, nthreads);
+    matmul(&b->o, attn, T, q_dim, h, bf16, nthreads);
     gso_rms_norm(h, b->post_attn_norm, b->eps, T, H, xi, xo);
 
     gso_rms_norm(xo, b->pre_ff_norm, b->eps, T, H, NULL, h);
-    matmul(&b->gate_up, h, T, H, gu, nthreads);
+    matmul(&b->gate_up, h, T, H, gu, bf16, nthreads);
     gso_gelu_mul(gu, T, I, act);
-    matmul(&b->down, act, T, I, h, nthreads);
+    matmul(&b->down, act, T, I, h, bf16, nthreads);
     gso_rms_norm(h, b->post_ff_norm, b->eps, T, H, xo, xo);
 
     if (bf16)

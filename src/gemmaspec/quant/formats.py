@@ -134,7 +134,7 @@ class QuantizedWeight(nn.Module):
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
         k = kernels.load()
         if k is not None and x.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group:
-            return k.linear(self, x.float().contiguous())
+            return k.linear(self, x.float().contiguous(), x8=x.dtype == torch.bfloat16)
         # Large M (prefill): dequantize blocks of rows and use a GEMM, which is compute-bound there: bfloat16 for a
         # bfloat16 model on a CPU that computes it natively (4-5x the float32 GEMM's rate on Zen 4), else float32.
         from ..loading import native_bf16
