@@ -14,7 +14,8 @@ Quality, against bf16 weights (the unquantized model in the dtype users get) on 
 (`gemmaspec bench`'s 61 prompts, six categories): greedy continuations of each format compared position by
 position with bf16's (free-running: one early difference changes everything after it) and with the common
 prefix; teacher-forced agreement, the fraction of bf16's greedy tokens that the format also ranks first given
-the same preceding tokens; and perplexity on a held-out text of a few hundred tokens (model forward + logits).
+the same preceding tokens; and perplexity on a held-out text of a few hundred tokens, through the prompt path
+(one long forward) and through the decode kernels (forwards of 8 tokens, whose rows equal one-token steps).
 
 Machines are shared and noisy: quote the ratios measured side by side, not a lone absolute number.
 """
@@ -141,6 +142,21 @@ def perplexity(target, text: str, chunk: int = 64) -> float:
     return math.exp(nll / (len(ids) - 1)), len(ids) - 1
 
 
+def decode_perplexity(target, text: str, step: int = 8) -> float:
+    """Perplexity as decoding computes it: forwards of `step` tokens through the decode / verification kernels
+    (whose rows equal one-token steps bit for bit), where `perplexity` runs the prompt path (one long forward)."""
+    model, tok = target.model, target.tokenizer
+    ids = tok.encode(text, add_bos=True)
+    nll = 0.0
+    with torch.inference_mode():
+        cache = model.new_cache(len(ids) + 8)
+        for start in range(0, len(ids) - 1, step):
+            stop = min(start + step, len(ids) - 1)
+            logits = model.logits(model(torch.tensor(ids[start:stop]), cache))
+            nll += F.cross_entropy(logits.float(), torch.tensor(ids[start + 1:stop + 1]), reduction="sum").item()
+    return math.exp(nll / (len(ids) - 1))
+
+
 def teacher_forced_agreement(target, prompt_ids: list[int], ref: list[int]) -> tuple[int, int]:
     """(positions where `target` ranks ref's token first given ref's preceding tokens, len(ref))."""
     model = target.model
@@ -176,7 +192,8 @@ def quality(engines: dict, results: dict, max_new: int, limit: int | None) -> No
                             greedy_agreement=statistics.mean(f for f, _ in pairs),
                             common_prefix=statistics.mean(p for _, p in pairs),
                             teacher_forced_agreement=sum(a for a, _ in forced) / max(1, sum(n for _, n in forced)),
-                            perplexity=ppl, perplexity_tokens=n)
+                            perplexity=ppl, perplexity_tokens=n,
+                            decode_perplexity=decode_perplexity(engine.target, HELD_OUT))
 
 
 # ---- kernel micro-benchmark -------------------------------------------------------------------------------
@@ -324,12 +341,12 @@ def main():
         print(f"agreement with {ref} weights on {n} bench-suite prompts x {args.quality_tokens} greedy tokens: "
               "free-running (positions equal) / common prefix / teacher-forced")
     print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | of peak | agree | prefix | forced | ppl | "
-          "load s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "decode ppl | load s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         vs = f"{r['tokens_per_second'] / base:.2f}x" if base else "-"
         q = (f"{r['greedy_agreement']:.0%} | {r['common_prefix']:.1f} | {r['teacher_forced_agreement']:.1%} | "
-             f"{r['perplexity']:.2f}" if "perplexity" in r else "- | - | - | -")
+             f"{r['perplexity']:.2f} | {r['decode_perplexity']:.2f}" if "perplexity" in r else "- | - | - | - | -")
         print(f"| {name} | {r['bytes_per_token'] / 1e6:.0f} | {r['tokens_per_second']:.1f} | {vs} | "
               f"{r['limit_tokens_per_second']:.1f} | {r['fraction_of_limit']:.0%} | "
               f"{r['fraction_of_peak_limit']:.0%} | {q} | "
