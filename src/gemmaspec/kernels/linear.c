@@ -222,6 +222,30 @@ static inline __attribute__((always_inline)) void bias_terms(int f32, const char
     }
 }
 
+// The same with the group bias b_j + off * s_j (b may be NULL): int4 centred against int8 activations.
+static inline __attribute__((always_inline)) void centred_bias_terms(int f32, const char *b, const char *s, float off,
+                                                                     const float *xs, int ngroups, const int mt,
+                                                                     float *out) {
+    __m256 bv[QMT];
+    for (int m = 0; m < mt; m++) bv[m] = _mm256_setzero_ps();
+    const __m256 o8 = _mm256_set1_ps(off);
+    int j = 0;
+    for (; j + 8 <= ngroups; j += 8) {
+        const __m256 s8 = f32 ? _mm256_loadu_ps((const float *)s + j)
+                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + j)));
+        const __m256 b8 = !b ? _mm256_setzero_ps()
+                          : f32 ? _mm256_loadu_ps((const float *)b + j)
+                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + j)));
+        const __m256 c8 = _mm256_fmadd_ps(o8, s8, b8);
+        for (int m = 0; m < mt; m++) bv[m] = _mm256_fmadd_ps(c8, _mm256_loadu_ps(xs + (size_t)m * ngroups + j), bv[m]);
+    }
+    for (int m = 0; m < mt; m++) out[m] = hsum(bv[m]);
+    for (; j < ngroups; j++) {
+        const float cj = (b ? SC(b, j) : 0.0f) + off * SC(s, j);
+        for (int m = 0; m < mt; m++) out[m] += cj * xs[(size_t)m * ngroups + j];
+    }
+}
+
 // Groups go four at a time: two horizontal adds fold their four 8-lane dots into one vector
 // [d0 d1 d2 d3 | d0' d1' d2' d3'] (each the sum of four lanes of one group's dot, exact in int32), converted and
 // scaled by [c0 c1 c2 c3 | c0 c1 c2 c3] (c_j = s_j * xs_j) in one FMA: per group and row of x, two multiply-adds
@@ -603,10 +627,12 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, int f32,
         for (int m = 0; m < mt; m++)
             acc[m] = odd_group(BITS, q + (size_t)j * 16, xq + (size_t)m * K + (size_t)j * GX,
                                xcorr[(size_t)m * G + j], SC(s, j) * xsc[(size_t)m * G + j], acc[m]);
-    float bt[QMT] = {0.0f}, st[QMT] = {0.0f};
-    if (b) bias_terms(f32, b, xs, G, mt, bt);
-    if (BITS == 4) bias_terms(f32, s, xs, G, mt, st);  // the centring's 8 s_j per group
-    for (int m = 0; m < mt; m++) r[m] = hsum(acc[m]) + bt[m] + 8.0f * st[m];
+    float bt[QMT] = {0.0f};
+    if (BITS == 4)
+        centred_bias_terms(f32, b, s, 8.0f, xs, G, mt, bt);  // b_j + 8 s_j: the centring's share
+    else if (b)
+        bias_terms(f32, b, xs, G, mt, bt);
+    for (int m = 0; m < mt; m++) r[m] = hsum(acc[m]) + bt[m];
 }
 
 // one row of x, QR weight rows side by side: tile8's operations for mt = 1, row by row in the same order
@@ -644,10 +670,12 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, int
             acc[i] = odd_group(BITS, q + i * row_bytes + (size_t)j * 16, xq + (size_t)j * GX, xcorr[j],
                                SC(s + i * srow, j) * xsc[j], acc[i]);
     for (int i = 0; i < QR; i++) {
-        float bt = 0.0f, st = 0.0f;
-        if (b) bias_terms(f32, b + i * srow, xs, G, 1, &bt);
-        if (BITS == 4) bias_terms(f32, s + i * srow, xs, G, 1, &st);
-        r[i] = hsum(acc[i]) + bt + 8.0f * st;
+        float bt = 0.0f;
+        if (BITS == 4)
+            centred_bias_terms(f32, b ? b + i * srow : NULL, s + i * srow, 8.0f, xs, G, 1, &bt);
+        else if (b)
+            bias_terms(f32, b + i * srow, xs, G, 1, &bt);
+        r[i] = hsum(acc[i]) + bt;
     }
 }
 #else
@@ -664,8 +692,7 @@ static void tile8(const int BITS, int f32, const char *q, const char *s, const c
                 dot += v * xq[(size_t)m * K + xq8_at(BITS, G, j, c)];
             }
             tot[j & 1] += (float)dot * (SC(s, j) * xsc[(size_t)m * G + xs8_at(G, j)]);
-            if (b) bacc += SC(b, j) * xs[(size_t)m * G + j];
-            if (BITS == 4) bacc += 8.0f * SC(s, j) * xs[(size_t)m * G + j];
+            if (b || BITS == 4) bacc += ((b ? SC(b, j) : 0.0f) + (BITS == 4 ? 8.0f * SC(s, j) : 0.0f)) * xs[(size_t)m * G + j];
         }
         r[m] = tot[0] + tot[1] + bacc;
     }
