@@ -134,6 +134,26 @@ def test_kernel_rows_do_not_depend_on_M(bits, K, group, f32_scales, dtype):
         assert torch.equal(qw.linear(x[lo:hi]), full[lo:hi])
 
 
+@pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
+@pytest.mark.parametrize("bits, group, K", [(4, 32, 640), (4, 32, 672), (4, 32, 736), (8, 16, 640), (8, 16, 656),
+                                            (8, 16, 688), (8, 16, 720)])  # 8-group folds, leftover pairs, odd last
+@pytest.mark.parametrize("f32_scales", [False, True])
+def test_int8_activation_path_equals_its_reference(bits, group, K, f32_scales):
+    """The bfloat16-model path (x rounded to int8, int4 centred): float32 outputs against the exact product with
+    the same rounding, at float32 accuracy, for one and for several rows of x."""
+    qw = quantize(_weight(N=67, K=K), bits, group=group)
+    if f32_scales:
+        qw = QuantizedWeight(bits, qw.q, qw.scales.float(), None if qw.bias is None else qw.bias.float(), group, K)
+    x = torch.randn(9, K)
+    ref = _reference(qw, x, x8=True)
+    for rows in (slice(0, 1), slice(0, 9)):
+        y = KERNEL.linear(qw, x[rows].contiguous(), x8=True)
+        assert (y - ref[rows]).abs().max() <= 1e-5 * ref.abs().max()
+    full = KERNEL.linear(qw, x, x8=True)
+    for m in range(9):  # float32 outputs, bit for bit whatever M is
+        assert torch.equal(KERNEL.linear(qw, x[m:m + 1].contiguous(), x8=True), full[m:m + 1])
+
+
 def test_embedding_lookup_dequantizes_rows():
     for bits in (8, 4):
         qw = quantize(_weight(), bits)

@@ -171,3 +171,21 @@ def test_opener_genres_are_a_series_of_their_own(tiny_gemma3_realtok_dir, tmp_pa
     pool = {d.id: d for d in opener_pool()}
     assert len(recs) == 2 and all(pool[r["source"]].kind == "opener-code" for r in recs)
     assert list((out / "work" / "teacher" / "train").glob("opener-code*.pt"))
+
+
+def test_continuations_keep_their_sources_split(tmp_path):
+    """An opener's split follows its text (a hash of it), not its id: each continuation must land in the split of
+    the opener it continues, or held-out openers would be trained on."""
+    from gemmaspec.train.selfgen import self_generated
+
+    class Echo:  # the target's part is not under test here: a continuation of one token
+        tokenizer = type("T", (), {"encode": staticmethod(lambda text: [2, len(text) % 7 + 3]), "bos_id": 2})()
+
+        def generate(self, prompt, max_new_tokens):
+            return type("R", (), {"token_ids": [5]})()
+
+    pool = opener_pool()
+    assert any(d.split != type(d)(d.id, d.kind, d.text).split for d in pool)  # id and text disagree for some
+    for split in ("train", "eval"):
+        docs = self_generated(Echo(), pool, tmp_path, split, 40, new_tokens=1, name="opener", whole=True)
+        assert len(docs) == 40 and all(d.split == split for d in docs)

@@ -461,9 +461,10 @@ RANGE_FNS(f, 1)  // float32 scales
 // ---- int8 activations: int4 weights in groups of 32, int8 weights in groups of 16 ----------------------------
 // The int16 path above widens every weight to 16 bits and does 16 multiply-adds per instruction: at one row of x
 // (plain decoding) int4 matmuls were bound by those instructions, not by DRAM (~24 GB/s of weights where float32
-// ones streamed at ~36). For the formats of GGUF K-quants (Q4_K: int4 in 32s; Q6_K: int8 in 16s, the default
-// model's embedding / LM head) x is quantized to int8 per group instead (xs_j = max|x in group j| / 127: a
-// relative error of at most 2^-8 of the group's largest value, still well below the weights' own) and the weights
+// ones streamed at ~36). For the formats of GGUF K-quants (Q4_K: int4 in 32s; Q6_K: int8 in 16s) in the decoder
+// blocks of a bfloat16 model (the LM head gets float32 x: int16) x is quantized to int8 per group instead
+// (xs_j = max|x in group j| / 127: a relative error of at most 2^-8 of the group's largest value, still well
+// below the weights' own) and the weights
 // are multiplied as unsigned bytes with vpdpbusd, 32 multiply-adds per instruction: int4 nibbles (0..15) as they
 // are, int8 values offset by 128. The integer dot is then that of the centred weights, q - 8 (int4) or q (int8):
 // the offset times the integer sum of the group's xq is subtracted exactly, and int4's 8 * s_j goes to the group

@@ -52,5 +52,9 @@ def self_generated(engine, docs: list[Document], out_dir: Path, split: str, coun
             done.append(record)
             if progress is not None:
                 progress.update(1)
-    return [Document(f"{name}/" + r["source"], "own-" + r["kind"], "", token_ids=tuple(r["ids"]), split_of=r["source"])
+    # A continuation takes its source's split, whatever decides it (an opener's split follows its text, not its id:
+    # keying on the id had put continuations of held-out openers into training).
+    split_key = {d.id: d.split_of or d.id for d in docs}
+    return [Document(f"{name}/" + r["source"], "own-" + r["kind"], "", token_ids=tuple(r["ids"]),
+                     split_of=split_key.get(r["source"], r["source"]))
             for r in done[:count]]
