@@ -278,7 +278,12 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> Path:
+def build_variant(*defines: str) -> Kernels:
+    """The kernels compiled with extra -D defines (GS_PROFILE: block.c's phase timers, scripts/profile_step.py)."""
+    return Kernels(_build(defines))
+
+
+def _build(defines: tuple[str, ...] = ()) -> Path:
     from ..loading.gguf_convert import cache_root
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -286,7 +291,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (set CC)")
     here = Path(__file__).parent
     sources = [(here / name).read_text() for name in SOURCES + HEADERS]
-    key = hashlib.sha256("\0".join([*sources, cc, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*sources, cc, _cpu_id(), platform.machine(), *defines]).encode()).hexdigest()[:16]
     folder = cache_root() / "kernels" / key
     lib = folder / "libgemmaspec.so"
     if lib.exists():
@@ -301,8 +306,8 @@ def _build() -> Path:
                 paths.append(Path(tmp) / name)
         for flags in _FLAG_SETS:
             out = Path(tmp) / lib.name
-            proc = subprocess.run([cc, *flags, *map(str, paths), "-o", str(out), "-lm"], capture_output=True, text=True,
-                                  timeout=120)
+            proc = subprocess.run([cc, *flags, *(f"-D{d}" for d in defines), *map(str, paths), "-o", str(out), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 os.replace(out, lib)  # atomic: concurrent builders agree
                 return lib

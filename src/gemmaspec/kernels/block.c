@@ -44,6 +44,25 @@ struct gs_gemma3_block {
     int hidden, n_q, n_kv, head_dim, inter;
 };
 
+// Built with -DGS_PROFILE (scripts/profile_step.py), the block adds the seconds spent in each phase to
+// gs_profile_seconds[phase]; a normal build has no timers.
+enum { PH_QKV, PH_O, PH_GATE_UP, PH_DOWN, PH_ATTENTION, PH_OTHER, PH_COUNT };
+#ifdef GS_PROFILE
+#include <time.h>
+double gs_profile_seconds[PH_COUNT];
+static double profile_t0;
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+#define PHASE(ph) do { const double t_ = now_s(); gs_profile_seconds[ph] += t_ - profile_t0; profile_t0 = t_; } while (0)
+#define PHASE_START() (profile_t0 = now_s())
+#else
+#define PHASE(ph) ((void)0)
+#define PHASE_START() ((void)0)
+#endif
+
 // bf16: the model's dtype is bfloat16 (the int8/int4 kernels may round x to int8, linear.c)
 static void matmul(const struct gs_weight *w, const float *x, int M, int K, float *y, int bf16, int nthreads) {
     if (w->kind == 0)
@@ -76,8 +95,11 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
         xo = wide + (size_t)T * H;
     }
 
+    PHASE_START();
     gso_rms_norm(xi, b->input_norm, b->eps, T, H, NULL, h);
+    PHASE(PH_OTHER);
     matmul(&b->qkv, h, T, H, qkv, bf16, nthreads);
+    PHASE(PH_QKV);
     gso_qk_norm_rope(qkv, T, row, b->n_q, b->n_kv, hd, b->q_norm, b->k_norm, b->eps, cos, sin, hd);
     for (int t = 0; t < T; t++)
         for (int j = 0; j < b->n_kv; j++) {
@@ -93,15 +115,22 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
                 memcpy((float *)vbuf + at, v, sizeof(float) * hd);
             }
         }
+    PHASE(PH_OTHER);
     gso_attention(qkv, T, b->n_q, hd, row, hd, kbuf, capacity * hd, hd, vbuf, capacity * hd, hd, b->n_kv, S, hd,
                   mask, b->scale, attn, bf16, nthreads);
+    PHASE(PH_ATTENTION);
     matmul(&b->o, attn, T, q_dim, h, bf16, nthreads);
+    PHASE(PH_O);
     gso_rms_norm(h, b->post_attn_norm, b->eps, T, H, xi, xo);
 
     gso_rms_norm(xo, b->pre_ff_norm, b->eps, T, H, NULL, h);
+    PHASE(PH_OTHER);
     matmul(&b->gate_up, h, T, H, gu, bf16, nthreads);
+    PHASE(PH_GATE_UP);
     gso_gelu_mul(gu, T, I, act);
+    PHASE(PH_OTHER);
     matmul(&b->down, act, T, I, h, bf16, nthreads);
+    PHASE(PH_DOWN);
     gso_rms_norm(h, b->post_ff_norm, b->eps, T, H, xo, xo);
 
     if (bf16)
@@ -112,6 +141,7 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
     free(gu);
     free(act);
     free(wide);
+    PHASE(PH_OTHER);
 }
 
 // Every block of the model for one decode / verification step in one call: the Python around each block's call

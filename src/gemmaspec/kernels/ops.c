@@ -99,71 +99,181 @@ void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const
 // out[t, h * vd ...] = softmax_s(scale * q[h, t] . K[h / group, s]) V[h / group, s] over the slots s < S with
 // mask[t, s] != 0 (mask NULL: all). Strides in elements; keys / values rows are contiguous (stride 1 within),
 // float32 or bfloat16 (kv_bf16: a bfloat16 cache, widened exactly in registers; q and out stay float32).
-// Scores of every slot, exponentials and sums are taken in slot order, so a query's result depends only on
-// its own valid slots.
-static inline __attribute__((always_inline)) void attend_one(const int KB, const float *q, const void *K, int64_t ks,
-        const void *V, int64_t vs, int S, int hd, int vd, const uint8_t *mask, float scale, float *scores, float *out) {
-    const size_t eb = KB / 8;  // bytes per cache element
-    float mx = -INFINITY;
-    for (int s = 0; s < S; s++) {
-        if (mask && !mask[s]) { scores[s] = -INFINITY; continue; }
-        scores[s] = dot_eb(KB, q, (const char *)K + (size_t)s * ks * eb, hd) * scale;
-        if (scores[s] > mx) mx = scores[s];
-    }
-    for (int i = 0; i < vd; i++) out[i] = 0.0f;
-    if (mx == -INFINITY) return;  // no valid slot
+// The query heads that share a KV head (GQA) are taken up to MAX_HEADS at a time, so each key and value row is
+// loaded and widened once for all of them, and the value sums stay in registers. Each head's arithmetic is the
+// same whichever heads it is taken with: scores, exponentials and sums in slot order, so a query's result
+// depends only on its own valid slots (not on T or the thread count).
+#define MAX_HEADS 4
+
 #ifdef GS_AVX2
+// scores[h][s] = scale * q_h . K[s] for NH heads at once: dot_eb's order for each head
+static inline __attribute__((always_inline)) void head_scores(const int KB, const int NH, const float *const *q,
+        const void *K, int64_t ks, int S, int hd, const uint8_t *mask, float scale, float *const *scores) {
+    const size_t eb = KB / 8;
+    for (int s = 0; s < S; s++) {
+        if (mask && !mask[s]) {
+            for (int h = 0; h < NH; h++) scores[h][s] = -INFINITY;
+            continue;
+        }
+        const void *k = (const char *)K + (size_t)s * ks * eb;
+        __m256 acc0[MAX_HEADS], acc1[MAX_HEADS];
+        for (int h = 0; h < NH; h++) acc0[h] = acc1[h] = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= hd; i += 16) {
+            const __m256 k0 = f32x8_at(KB, k, i), k1 = f32x8_at(KB, k, i + 8);
+            for (int h = 0; h < NH; h++) {
+                acc0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + i), k0, acc0[h]);
+                acc1[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + i + 8), k1, acc1[h]);
+            }
+        }
+        for (int h = 0; h < NH; h++) {
+            float t = hsum(_mm256_add_ps(acc0[h], acc1[h]));
+            for (int r = i; r < hd; r++) t += q[h][r] * f32_at(KB, k, r);
+            scores[h][s] = t * scale;
+        }
+    }
+}
+
+// out_h[i] = sum_s p_h[s] V[s][i] for NH heads, 16 columns at a time in registers (slot order, from 0)
+static inline __attribute__((always_inline)) void head_values(const int KB, const int NH, const float *const *p,
+        const void *V, int64_t vs, int S, int vd, const uint8_t *mask, float *const *out) {
+    const size_t eb = KB / 8;
+    int i = 0;
+    for (; i + 16 <= vd; i += 16) {
+        __m256 acc0[MAX_HEADS], acc1[MAX_HEADS];
+        for (int h = 0; h < NH; h++) acc0[h] = acc1[h] = _mm256_setzero_ps();
+        for (int s = 0; s < S; s++) {
+            if (mask && !mask[s]) continue;
+            const void *v = (const char *)V + (size_t)s * vs * eb;
+            const __m256 v0 = f32x8_at(KB, v, i), v1 = f32x8_at(KB, v, i + 8);
+            for (int h = 0; h < NH; h++) {
+                const __m256 ph = _mm256_broadcast_ss(p[h] + s);
+                acc0[h] = _mm256_fmadd_ps(ph, v0, acc0[h]);
+                acc1[h] = _mm256_fmadd_ps(ph, v1, acc1[h]);
+            }
+        }
+        for (int h = 0; h < NH; h++) {
+            _mm256_storeu_ps(out[h] + i, acc0[h]);
+            _mm256_storeu_ps(out[h] + i + 8, acc1[h]);
+        }
+    }
+    for (; i < vd; i++)
+        for (int h = 0; h < NH; h++) {
+            float acc = 0.0f;
+            for (int s = 0; s < S; s++)
+                if (!mask || mask[s]) acc += p[h][s] * f32_at(KB, (const char *)V + (size_t)s * vs * eb, i);
+            out[h][i] = acc;
+        }
+}
+
+// exp(scores - max) in place, the tail through the same vector exp (padded), so no slot's value depends on S
+static inline void exp_shifted(float *scores, int S, float mx) {
     const __m256 vmx = _mm256_set1_ps(mx);
     int s = 0;
     for (; s + 8 <= S; s += 8) _mm256_storeu_ps(scores + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), vmx)));
-    if (s < S) {  // the tail through the same vector exp (padded), so no slot's value depends on S
+    if (s < S) {
         float pad[8];
         for (int i = 0; i < 8; i++) pad[i] = s + i < S ? scores[s + i] : -INFINITY;
         _mm256_storeu_ps(pad, exp8(_mm256_sub_ps(_mm256_loadu_ps(pad), vmx)));
         for (int i = 0; s + i < S; i++) scores[s + i] = pad[i];
     }
+}
 #else
+static void head_scores(const int KB, const int NH, const float *const *q, const void *K, int64_t ks, int S, int hd,
+                        const uint8_t *mask, float scale, float *const *scores) {
+    for (int h = 0; h < NH; h++)
+        for (int s = 0; s < S; s++)
+            scores[h][s] = mask && !mask[s] ? -INFINITY
+                                            : dot_eb(KB, q[h], (const char *)K + (size_t)s * ks * (KB / 8), hd) * scale;
+}
+
+static void head_values(const int KB, const int NH, const float *const *p, const void *V, int64_t vs, int S, int vd,
+                        const uint8_t *mask, float *const *out) {
+    for (int h = 0; h < NH; h++)
+        for (int i = 0; i < vd; i++) {
+            float acc = 0.0f;
+            for (int s = 0; s < S; s++)
+                if (!mask || mask[s]) acc += p[h][s] * f32_at(KB, (const char *)V + (size_t)s * vs * (KB / 8), i);
+            out[h][i] = acc;
+        }
+}
+
+static void exp_shifted(float *scores, int S, float mx) {
     for (int s = 0; s < S; s++) scores[s] = expf(scores[s] - mx);
+}
 #endif
-    float sum = 0.0f;
-    for (int s = 0; s < S; s++) {
-        if (mask && !mask[s]) continue;
-        const float p = scores[s];
-        sum += p;
-        const void *v = (const char *)V + (size_t)s * vs * eb;
-        int i = 0;
-#ifdef GS_AVX2
-        const __m256 vp = _mm256_set1_ps(p);
-        for (; i + 8 <= vd; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, f32x8_at(KB, v, i), _mm256_loadu_ps(out + i)));
-#endif
-        for (; i < vd; i++) out[i] += p * f32_at(KB, v, i);
+
+// NH query heads (q[h], out[h]) of one token over one KV head; scores: NH x S scratch floats
+static inline __attribute__((always_inline)) void attend_heads(const int KB, const int NH, const float *const *q,
+        const void *K, int64_t ks, const void *V, int64_t vs, int S, int hd, int vd, const uint8_t *mask, float scale,
+        float *scores, float *const *out) {
+    float *sc[MAX_HEADS];
+    for (int h = 0; h < NH; h++) sc[h] = scores + (size_t)h * S;
+    head_scores(KB, NH, q, K, ks, S, hd, mask, scale, sc);
+    float inv[MAX_HEADS];
+    int live = 0;
+    for (int h = 0; h < NH; h++) {
+        float mx = -INFINITY;
+        for (int s = 0; s < S; s++) mx = sc[h][s] > mx ? sc[h][s] : mx;
+        if (mx == -INFINITY) {  // no valid slot
+            inv[h] = 0.0f;
+            continue;
+        }
+        live = 1;
+        exp_shifted(sc[h], S, mx);
+        float sum = 0.0f;
+        for (int s = 0; s < S; s++)
+            if (!mask || mask[s]) sum += sc[h][s];
+        inv[h] = 1.0f / sum;
     }
-    const float inv = 1.0f / sum;
-    for (int i = 0; i < vd; i++) out[i] *= inv;
+    if (!live) {
+        for (int h = 0; h < NH; h++) memset(out[h], 0, sizeof(float) * (size_t)vd);
+        return;
+    }
+    head_values(KB, NH, (const float *const *)sc, V, vs, S, vd, mask, out);
+    for (int h = 0; h < NH; h++)
+        for (int i = 0; i < vd; i++) out[h][i] *= inv[h];
 }
 
 void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
                    const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
                    int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int kv_bf16,
                    int nthreads) {
-    const int group = nq / nkv, tasks = T * nq;
+    const int group = nq / nkv;
     const size_t eb = kv_bf16 ? 2 : 4;
-    // threads only pay off for long contexts
-    const int threads = (int64_t)S * tasks * hd > (1 << 18) ? nthreads : 1;
+    // a task: up to `per` query heads of one KV head for one token. Threads only pay off for long contexts; then
+    // fewer heads per task where there would be fewer tasks than threads (the result is the same either way).
+    const int threads = (int64_t)S * T * nq * hd > (1 << 18) ? nthreads : 1;
+    int per = group < MAX_HEADS ? group : MAX_HEADS;
+    while (per > 1 && (int64_t)T * nkv * ((group + per - 1) / per) < threads) per = (per + 1) / 2;
+    const int chunks = (group + per - 1) / per, tasks = T * nkv * chunks;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)MAX_HEADS * (S > 0 ? S : 1));
 #pragma omp for schedule(static)
         for (int task = 0; task < tasks; task++) {
-            const int t = task / nq, h = task % nq, j = h / group;
+            const int t = task / (nkv * chunks), j = task / chunks % nkv, h0 = j * group + task % chunks * per;
+            const int nh = group - (h0 - j * group) < per ? group - (h0 - j * group) : per;
             const void *K = (const char *)keys + j * k_head * eb, *V = (const char *)values + j * v_head * eb;
             const uint8_t *mt = mask ? mask + (size_t)t * S : NULL;
-            float *o = out + ((size_t)t * nq + h) * vd;
-            if (kv_bf16)
-                attend_one(16, q + h * q_head + t * q_tok, K, k_slot, V, v_slot, S, hd, vd, mt, scale, scores, o);
-            else
-                attend_one(32, q + h * q_head + t * q_tok, K, k_slot, V, v_slot, S, hd, vd, mt, scale, scores, o);
+            const float *qh[MAX_HEADS];
+            float *oh[MAX_HEADS];
+            for (int h = 0; h < nh; h++) {
+                qh[h] = q + (h0 + h) * q_head + t * q_tok;
+                oh[h] = out + ((size_t)t * nq + h0 + h) * vd;
+            }
+#define ATTEND(KB, NH) attend_heads(KB, NH, qh, K, k_slot, V, v_slot, S, hd, vd, mt, scale, scores, oh)
+            switch ((kv_bf16 ? 16 : 0) + nh) {
+                case 20: ATTEND(16, 4); break;
+                case 19: ATTEND(16, 3); break;
+                case 18: ATTEND(16, 2); break;
+                case 17: ATTEND(16, 1); break;
+                case 4: ATTEND(32, 4); break;
+                case 3: ATTEND(32, 3); break;
+                case 2: ATTEND(32, 2); break;
+                default: ATTEND(32, 1); break;
+            }
+#undef ATTEND
         }
         free(scores);
     }
