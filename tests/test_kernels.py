@@ -96,6 +96,33 @@ def test_attention_row_independent_of_other_queries_and_extra_slots():
         assert torch.equal(short, full[t : t + 1])
 
 
+@pytest.mark.parametrize("nq,nkv,T", [(12, 2, 2), (4, 1, 1)])
+def test_attention_same_for_any_grouping_of_heads(nq, nkv, T):
+    """Query heads sharing a KV head are taken up to four at a time, fewer when threads would idle (six per KV
+    head: 4 + 2; four over one KV head with two threads: 2 + 2); with a value width that leaves a scalar tail,
+    one or two threads give the same bits, and SDPA's values."""
+    S = 700
+    q = torch.randn(nq, T, 64, generator=_g(40))
+    keys = torch.randn(nkv, S, 64, generator=_g(41))
+    values = torch.randn(nkv, S, 40, generator=_g(42))
+    mask = torch.rand(T, S, generator=_g(43)) < 0.7
+    mask[:, 0] = True
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = K.attention(q, keys, values, mask, 0.125)
+        torch.set_num_threads(2)
+        two = K.attention(q, keys, values, mask, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    for t in range(T):
+        assert torch.equal(K.attention(q[:, t : t + 1], keys, values, mask[t : t + 1].contiguous(), 0.125), one[t : t + 1])
+    want = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=0.125,
+                                          enable_gqa=True)[0].transpose(0, 1).reshape(T, -1)
+    _close(one, want)
+
+
 def test_geglu_equals_reference():
     gu = torch.randn(3, 2 * 2050, generator=_g(30)) * 4  # 2050: the scalar tail
     gate, up = gu.chunk(2, dim=-1)
