@@ -154,6 +154,21 @@ def test_int8_activation_path_equals_its_reference(bits, group, K, f32_scales):
         assert torch.equal(KERNEL.linear(qw, x[m:m + 1].contiguous(), x8=True), full[m:m + 1])
 
 
+@pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
+@pytest.mark.parametrize("bits, group, x8", [(8, 32, False), (4, 32, False), (4, 32, True), (8, 16, True)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_give_nan_rows(bits, group, x8, bad):
+    """A NaN or infinity in a row of x makes that row's outputs NaN (not numbers from an undefined integer
+    rounding), and leaves the other rows as they were: a broken model shows as broken."""
+    qw = quantize(_weight(N=67, K=128), bits, group=group)
+    x = torch.randn(3, 128)
+    clean = KERNEL.linear(qw, x, x8=x8)
+    x[1, 40] = bad
+    y = KERNEL.linear(qw, x, x8=x8)
+    assert y[1].isnan().all()
+    assert torch.equal(y[[0, 2]], clean[[0, 2]])
+
+
 def test_embedding_lookup_dequantizes_rows():
     for bits in (8, 4):
         qw = quantize(_weight(), bits)

@@ -381,9 +381,10 @@ static void quantize_rows(const float *x, int M, int K, int g, int with_sums, in
             mx = a > mx ? a : mx;
             sum += xi[c];
         }
-        const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
-        xsc[i] = mx / 32767.0f;
-        for (int c = 0; c < g; c++) xq[(size_t)i * g + c] = (int16_t)lrintf(xi[c] * inv);
+        const int finite = isfinite(sum) && isfinite(mx);  // else the row's outputs are NaN, as in PyTorch
+        const float inv = finite && mx > 0.0f ? 32767.0f / mx : 0.0f;
+        xsc[i] = finite ? mx / 32767.0f : NAN;
+        for (int c = 0; c < g; c++) xq[(size_t)i * g + c] = (int16_t)(finite ? lrintf(xi[c] * inv) : 0);
         if (with_sums) xs[i] = sum;
     }
 }
@@ -508,14 +509,15 @@ static void quantize_rows_i8(const int BITS, const float *x, int M, int K, int w
                 mx = a > mx ? a : mx;
                 sum += xi[c];
             }
-            const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+            const int finite = isfinite(sum) && isfinite(mx);  // else the row's outputs are NaN, as in PyTorch
+            const float inv = finite && mx > 0.0f ? 127.0f / mx : 0.0f;
             int32_t isum = 0;
             for (int c = 0; c < g; c++) {
-                const int v = (int)lrintf(xi[c] * inv);
+                const int v = finite ? (int)lrintf(xi[c] * inv) : 0;
                 xq[(size_t)m * K + xq8_at(BITS, G, j, c)] = (int8_t)v;
                 isum += v;
             }
-            xsc[(size_t)m * G + xs8_at(G, j)] = mx / 127.0f;
+            xsc[(size_t)m * G + xs8_at(G, j)] = finite ? mx / 127.0f : NAN;
             xcorr[(size_t)m * G + xs8_at(G, j)] = (BITS == 8 ? 128 : 8) * isum;
             if (with_sums) xs[(size_t)m * G + j] = sum;
         }
