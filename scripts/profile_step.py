@@ -6,6 +6,7 @@ a prompt, as `gemmaspec generate --drafter none` does. Each matmul's rate is its
 The machine is shared: run it on an idle machine and compare phases within one run.
 
     python scripts/profile_step.py [--weights auto|bf16|int8|int4] [--prompt-tokens 256] [--steps 128] [--threads N]
+        [--rows T]   (T tokens per step, as a verification of T - 1 drafts; the cache keeps one of them)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rows", type=int, default=1, help="tokens per step: k + 1 is a verification of k drafts")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,7 +43,7 @@ def main() -> None:
     model = load_model("default", dtype=args.dtype, device="cpu", weights=args.weights).model
     torch.manual_seed(0)
     prompt = torch.randint(1000, 20000, (args.prompt_tokens,))
-    cache = model.new_cache(args.prompt_tokens + args.steps + 8)
+    cache = model.new_cache(args.prompt_tokens + args.steps + args.rows + 8)
     with torch.inference_mode():
         hidden = model(prompt, cache)[-1:]
         token = int(model.logits(hidden).argmax(-1))
@@ -49,10 +51,11 @@ def main() -> None:
         for _ in range(args.steps):
             before = list(seconds)
             t0 = time.perf_counter()
-            hidden = model(torch.tensor([token]), cache)
+            hidden = model(torch.tensor([token] * args.rows), cache)
             t1 = time.perf_counter()
-            token = int(model.logits(hidden).argmax(-1))
+            token = int(model.logits(hidden).argmax(-1)[0])
             t2 = time.perf_counter()
+            cache.rollback(cache.length - args.rows + 1)  # a verification keeps one token here
             steps.append(t2 - t0)
             heads.append(t2 - t1)
             phases.append([a - b for a, b in zip(seconds, before)])
@@ -63,7 +66,7 @@ def main() -> None:
     ms = lambda values: statistics.median(values) * 1e3  # noqa: E731 (medians: the machine is shared)
     step_ms = ms(steps)
     print(f"{args.weights} weights, {args.dtype} dtype, {torch.get_num_threads()} threads, prompt {args.prompt_tokens}, "
-          f"{args.steps} steps: median step {step_ms:.2f} ms ({1e3 / step_ms:.1f} tok/s)")
+          f"{args.steps} steps of {args.rows} token(s): median step {step_ms:.2f} ms ({1e3 / step_ms:.1f} steps/s)")
     for i, name in enumerate(PHASES):
         t = ms([p[i] for p in phases])
         rate = f"{nbytes[name] / t / 1e6:5.1f} GB/s ({nbytes[name] / 1e6:.1f} MB)" if name in nbytes else ""
