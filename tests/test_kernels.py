@@ -96,31 +96,48 @@ def test_attention_row_independent_of_other_queries_and_extra_slots():
         assert torch.equal(short, full[t : t + 1])
 
 
-@pytest.mark.parametrize("nq,nkv,T", [(12, 2, 2), (4, 1, 1)])
-def test_attention_same_for_any_grouping_of_heads(nq, nkv, T):
+@pytest.mark.parametrize("nq,nkv,T,dtype", [(12, 2, 2, torch.float32), (4, 1, 1, torch.float32),
+                                             (6, 2, 3, torch.bfloat16), (4, 1, 2, torch.bfloat16)])
+def test_attention_same_for_any_grouping_of_heads(nq, nkv, T, dtype):
     """Query heads sharing a KV head are taken up to four at a time, fewer when threads would idle (six per KV
-    head: 4 + 2; four over one KV head with two threads: 2 + 2); with a value width that leaves a scalar tail,
-    one or two threads give the same bits, and SDPA's values."""
-    S = 700
+    head: 4 + 2; four over one KV head with two threads: 2 + 2; three: 3, or 2 + 1). Each head gets the bits it
+    gets alone (its KV head repeated for it), with one or two threads, with a value width that leaves vector and
+    scalar tails, a bfloat16 cache, a token that sees no slot and a head whose scores are all -inf; and SDPA's values."""
+    S = 1100  # long enough for two threads
     q = torch.randn(nq, T, 64, generator=_g(40))
-    keys = torch.randn(nkv, S, 64, generator=_g(41))
-    values = torch.randn(nkv, S, 40, generator=_g(42))
+    q[1, 0] = -torch.inf  # a head with no finite score: zeros, alone or not
+    keys = torch.randn(nkv, S, 64, generator=_g(41)).abs().to(dtype)
+    values = torch.randn(nkv, S, 40, generator=_g(42)).to(dtype)
     mask = torch.rand(T, S, generator=_g(43)) < 0.7
     mask[:, 0] = True
+    if T > 1:
+        mask[-1] = False  # a token that sees nothing
+    group = nq // nkv
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = K.attention(q, keys, values, mask, 0.125)
-        torch.set_num_threads(2)
-        two = K.attention(q, keys, values, mask, 0.125)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(K.attention(q, keys, values, mask, 0.125))
+            results.append(K.attention(q, keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0),
+                                       mask, 0.125))  # one query head per KV head: each head alone
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+    one = results[0].view(T, nq, 40)
+    assert (one[0, 1] == 0).all()
+    if T > 1:
+        assert (one[-1] == 0).all()
     for t in range(T):
-        assert torch.equal(K.attention(q[:, t : t + 1], keys, values, mask[t : t + 1].contiguous(), 0.125), one[t : t + 1])
-    want = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=0.125,
-                                          enable_gqa=True)[0].transpose(0, 1).reshape(T, -1)
-    _close(one, want)
+        assert torch.equal(K.attention(q[:, t : t + 1], keys, values, mask[t : t + 1].contiguous(), 0.125),
+                           results[0][t : t + 1])
+    live = torch.ones(nq, dtype=torch.bool)
+    live[1] = False
+    want = F.scaled_dot_product_attention(q[None], keys[None].float(), values[None].float(), attn_mask=mask,
+                                          scale=0.125, enable_gqa=True)[0].transpose(0, 1)
+    rows = slice(0, T - 1) if T > 1 else slice(0, T)
+    _close(one[rows][:, live], want[rows][:, live])
 
 
 def test_geglu_equals_reference():

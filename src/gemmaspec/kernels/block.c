@@ -79,6 +79,7 @@ static void matmul(const struct gs_weight *w, const float *x, int M, int K, floa
 void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_out, int T, const float *cos,
                      const float *sin, void *kbuf, void *vbuf, int64_t capacity, const int64_t *slots, int S,
                      const uint8_t *mask, int bf16, int nthreads) {
+    PHASE_START();
     const int H = b->hidden, hd = b->head_dim, q_dim = b->n_q * hd, kv_dim = b->n_kv * hd;
     const int row = q_dim + 2 * kv_dim, I = b->inter;
     float *h = (float *)malloc(sizeof(float) * (size_t)T * H);
@@ -95,7 +96,6 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
         xo = wide + (size_t)T * H;
     }
 
-    PHASE_START();
     gso_rms_norm(xi, b->input_norm, b->eps, T, H, NULL, h);
     PHASE(PH_OTHER);
     matmul(&b->qkv, h, T, H, qkv, bf16, nthreads);

@@ -381,7 +381,7 @@ static void quantize_rows(const float *x, int M, int K, int g, int with_sums, in
             mx = a > mx ? a : mx;
             sum += xi[c];
         }
-        const int finite = isfinite(sum) && isfinite(mx);  // else the row's outputs are NaN, as in PyTorch
+        const int finite = isfinite(mx) && !isnan(sum);  // else the row's outputs are NaN, as in PyTorch
         const float inv = finite && mx > 0.0f ? 32767.0f / mx : 0.0f;
         xsc[i] = finite ? mx / 32767.0f : NAN;
         for (int c = 0; c < g; c++) xq[(size_t)i * g + c] = (int16_t)(finite ? lrintf(xi[c] * inv) : 0);
@@ -509,7 +509,7 @@ static void quantize_rows_i8(const int BITS, const float *x, int M, int K, int w
                 mx = a > mx ? a : mx;
                 sum += xi[c];
             }
-            const int finite = isfinite(sum) && isfinite(mx);  // else the row's outputs are NaN, as in PyTorch
+            const int finite = isfinite(mx) && !isnan(sum);  // else the row's outputs are NaN, as in PyTorch
             const float inv = finite && mx > 0.0f ? 127.0f / mx : 0.0f;
             int32_t isum = 0;
             for (int c = 0; c < g; c++) {

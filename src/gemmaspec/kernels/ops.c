@@ -157,11 +157,21 @@ static inline __attribute__((always_inline)) void head_values(const int KB, cons
             _mm256_storeu_ps(out[h] + i + 8, acc1[h]);
         }
     }
+    for (; i + 8 <= vd; i += 8) {
+        __m256 acc[MAX_HEADS];
+        for (int h = 0; h < NH; h++) acc[h] = _mm256_setzero_ps();
+        for (int s = 0; s < S; s++) {
+            if (mask && !mask[s]) continue;
+            const __m256 v0 = f32x8_at(KB, (const char *)V + (size_t)s * vs * eb, i);
+            for (int h = 0; h < NH; h++) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[h] + s), v0, acc[h]);
+        }
+        for (int h = 0; h < NH; h++) _mm256_storeu_ps(out[h] + i, acc[h]);
+    }
     for (; i < vd; i++)
         for (int h = 0; h < NH; h++) {
             float acc = 0.0f;
             for (int s = 0; s < S; s++)
-                if (!mask || mask[s]) acc += p[h][s] * f32_at(KB, (const char *)V + (size_t)s * vs * eb, i);
+                if (!mask || mask[s]) acc = fmaf(p[h][s], f32_at(KB, (const char *)V + (size_t)s * vs * eb, i), acc);
             out[h][i] = acc;
         }
 }
@@ -231,8 +241,12 @@ static inline __attribute__((always_inline)) void attend_heads(const int KB, con
         return;
     }
     head_values(KB, NH, (const float *const *)sc, V, vs, S, vd, mask, out);
-    for (int h = 0; h < NH; h++)
-        for (int i = 0; i < vd; i++) out[h][i] *= inv[h];
+    for (int h = 0; h < NH; h++) {
+        if (inv[h] == 0.0f)  // no valid slot: zeros, as when this head is taken alone
+            memset(out[h], 0, sizeof(float) * (size_t)vd);
+        else
+            for (int i = 0; i < vd; i++) out[h][i] *= inv[h];
+    }
 }
 
 void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
@@ -252,8 +266,8 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
         float *scores = (float *)malloc(sizeof(float) * (size_t)MAX_HEADS * (S > 0 ? S : 1));
 #pragma omp for schedule(static)
         for (int task = 0; task < tasks; task++) {
-            const int t = task / (nkv * chunks), j = task / chunks % nkv, h0 = j * group + task % chunks * per;
-            const int nh = group - (h0 - j * group) < per ? group - (h0 - j * group) : per;
+            const int t = task / (nkv * chunks), j = (task / chunks) % nkv, c = task % chunks;
+            const int h0 = j * group + c * per, nh = group - c * per < per ? group - c * per : per;
             const void *K = (const char *)keys + j * k_head * eb, *V = (const char *)values + j * v_head * eb;
             const uint8_t *mt = mask ? mask + (size_t)t * S : NULL;
             const float *qh[MAX_HEADS];
@@ -263,7 +277,7 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
                 oh[h] = out + ((size_t)t * nq + h0 + h) * vd;
             }
 #define ATTEND(KB, NH) attend_heads(KB, NH, qh, K, k_slot, V, v_slot, S, hd, vd, mt, scale, scores, oh)
-            switch ((kv_bf16 ? 16 : 0) + nh) {
+            switch ((kv_bf16 ? 16 : 0) + nh) {  // (cache dtype, heads) as compile-time constants
                 case 20: ATTEND(16, 4); break;
                 case 19: ATTEND(16, 3); break;
                 case 18: ATTEND(16, 2); break;
