@@ -221,24 +221,18 @@ static inline __attribute__((always_inline)) void attend_heads(const int KB, con
     for (int h = 0; h < NH; h++) sc[h] = scores + (size_t)h * S;
     head_scores(KB, NH, q, K, ks, S, hd, mask, scale, sc);
     float inv[MAX_HEADS];
-    int live = 0;
     for (int h = 0; h < NH; h++) {
         float mx = -INFINITY;
         for (int s = 0; s < S; s++) mx = sc[h][s] > mx ? sc[h][s] : mx;
-        if (mx == -INFINITY) {  // no valid slot
+        if (mx == -INFINITY) {  // no valid slot (its output is zeroed below)
             inv[h] = 0.0f;
             continue;
         }
-        live = 1;
         exp_shifted(sc[h], S, mx);
         float sum = 0.0f;
         for (int s = 0; s < S; s++)
             if (!mask || mask[s]) sum += sc[h][s];
         inv[h] = 1.0f / sum;
-    }
-    if (!live) {
-        for (int h = 0; h < NH; h++) memset(out[h], 0, sizeof(float) * (size_t)vd);
-        return;
     }
     head_values(KB, NH, (const float *const *)sc, V, vs, S, vd, mask, out);
     for (int h = 0; h < NH; h++) {
