@@ -34,8 +34,10 @@ def _weight(N=300, K=128, seed=0):
 
 def byte_path(qw: QuantizedWeight, x: torch.Tensor) -> bool:
     """Whether the C kernel rounds x to int8 (kernels/linear.c): for a bfloat16 model, against int4 weights in
-    groups of 32 and int8 weights in groups of 16 (vpdpbusd on the weights' bytes); else to int16."""
-    return x.dtype == torch.bfloat16 and (qw.bits, qw.group) in ((4, 32), (8, 16))
+    groups of 32 and int8 weights in groups of 16, or of 32 without biases (vpdpbusd on the weights' bytes); else
+    to int16."""
+    return x.dtype == torch.bfloat16 and ((qw.bits, qw.group) in ((4, 32), (8, 16))
+                                          or ((qw.bits, qw.group) == (8, 32) and qw.bias is None))
 
 
 def kernel_rounded(x: torch.Tensor, group: int, levels: float) -> torch.Tensor:
@@ -59,7 +61,10 @@ def _reference(qw: QuantizedWeight, x: torch.Tensor, x8: bool = False) -> torch.
     if not _kernel_path(qw, x):
         return (x.double() @ w.t()).float()
     multiplied, bias = kernel_split(qw, x8)
-    return (kernel_rounded(x, qw.group, 127.0 if x8 else 32767.0).double() @ multiplied.t() + x.double() @ bias.t()).float()
+    # int8 activations go in groups of 16 values (one 16-byte weight group) against int8, 32 against int4
+    x_group = (32 if qw.bits == 4 else 16) if x8 else qw.group
+    rounded = kernel_rounded(x, x_group, 127.0 if x8 else 32767.0)
+    return (rounded.double() @ multiplied.t() + x.double() @ bias.t()).float()
 
 
 def kernel_split(qw: QuantizedWeight, x8: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +141,8 @@ def test_kernel_rows_do_not_depend_on_M(bits, K, group, f32_scales, dtype):
 
 @pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
 @pytest.mark.parametrize("bits, group, K", [(4, 32, 640), (4, 32, 672), (4, 32, 736), (8, 16, 640), (8, 16, 656),
-                                            (8, 16, 688), (8, 16, 720)])  # 8-group folds, leftover pairs, odd last
+                                            (8, 16, 688), (8, 16, 720),  # 8-group folds, leftover pairs, odd last
+                                            (8, 32, 640), (8, 32, 672), (8, 32, 704)])  # a scale per two byte groups
 @pytest.mark.parametrize("f32_scales", [False, True])
 def test_int8_activation_path_equals_its_reference(bits, group, K, f32_scales):
     """The bfloat16-model path (x rounded to int8, int4 centred): float32 outputs against the exact product with
@@ -155,7 +161,8 @@ def test_int8_activation_path_equals_its_reference(bits, group, K, f32_scales):
 
 
 @pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
-@pytest.mark.parametrize("bits, group, x8", [(8, 32, False), (4, 32, False), (4, 32, True), (8, 16, True)])
+@pytest.mark.parametrize("bits, group, x8", [(8, 32, False), (4, 32, False), (4, 32, True), (8, 16, True),
+                                             (8, 32, True)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_activations_give_nan_rows(bits, group, x8, bad):
     """A NaN or infinity in a row of x makes that row's outputs NaN (not numbers from an undefined integer

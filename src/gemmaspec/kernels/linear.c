@@ -555,8 +555,14 @@ static inline __attribute__((always_inline)) __m256i pair_dot(const int BITS, __
     return BITS == 8 ? d : dot_u8s8(d, b, _mm256_loadu_si256((const __m256i *)(x + 32)));
 }
 
-// scales s_j .. s_j+7 in the order [0 2 4 6 1 3 5 7]
-static inline __attribute__((always_inline)) __m256 scales8(int f32, const char *s, int j) {
+// the scales of byte groups j .. j+7 in the order [0 2 4 6 1 3 5 7]: s_j .. s_j+7 (SG = 0), or with one scale per
+// pair of byte groups (SG = 1: int8 in groups of 32) s_j/2 .. s_j/2+3 twice
+static inline __attribute__((always_inline)) __m256 scales8(const int SG, int f32, const char *s, int j) {
+    if (SG) {
+        const __m128 v = f32 ? _mm_loadu_ps((const float *)s + j / 2)
+                             : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s + j / 2)));
+        return _mm256_set_m128(v, v);
+    }
     const __m256 v = f32 ? _mm256_loadu_ps((const float *)s + j)
                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + j)));
     return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
@@ -598,8 +604,8 @@ static inline __attribute__((always_inline)) __m256 odd_group(const int BITS, co
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(c), acc);
 }
 
-// one weight row (q, s, b) x mt rows of x
-static inline __attribute__((always_inline)) void tile8(const int BITS, int f32, const char *q, const char *s,
+// one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1)
+static inline __attribute__((always_inline)) void tile8(const int BITS, const int SG, int f32, const char *q, const char *s,
         const char *b, int K, const int8_t *xq, const float *xsc, const int32_t *xcorr, const float *xs, int G,
         const int mt, float *r) {
     const int GX = BYTE_GROUP(BITS);  // x values per group
@@ -613,7 +619,7 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, int f32,
             __m256i a0, b0, a1, b1;
             pair_weights(BITS, q + (size_t)j0 * 16, &a0, &b0);
             pair_weights(BITS, q + (size_t)j0 * 16 + 32, &a1, &b1);
-            const __m256 c8 = half ? scales8(f32, s, j) : _mm256_setzero_ps();
+            const __m256 c8 = half ? scales8(SG, f32, s, j) : _mm256_setzero_ps();
             for (int m = 0; m < mt; m++) {
                 const int8_t *xm = xq + (size_t)m * K + (size_t)j0 * GX;
                 fold_pairs(half, pair_dot(BITS, a0, b0, xm), pair_dot(BITS, a1, b1, xm + 2 * GX), c8,
@@ -623,7 +629,7 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, int f32,
     for (; j + 2 <= G; j += 2) {
         __m256i a, bb;
         pair_weights(BITS, q + (size_t)j * 16, &a, &bb);
-        const float s0 = SC(s, j), s1 = SC(s, j + 1);
+        const float s0 = SC(s, j >> SG), s1 = SC(s, (j + 1) >> SG);
         for (int m = 0; m < mt; m++) {
             const float *xc = xsc + (size_t)m * G + j;
             acc[m] = pair_leftover(pair_dot(BITS, a, bb, xq + (size_t)m * K + (size_t)j * GX),
@@ -633,7 +639,7 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, int f32,
     if (j < G)
         for (int m = 0; m < mt; m++)
             acc[m] = odd_group(BITS, q + (size_t)j * 16, xq + (size_t)m * K + (size_t)j * GX,
-                               xcorr[(size_t)m * G + j], SC(s, j) * xsc[(size_t)m * G + j], acc[m]);
+                               xcorr[(size_t)m * G + j], SC(s, j >> SG) * xsc[(size_t)m * G + j], acc[m]);
     float bt[QMT] = {0.0f};
     if (BITS == 4)
         centred_bias_terms(f32, b, s, 8.0f, xs, G, mt, bt);  // b_j + 8 s_j: the centring's share
@@ -643,7 +649,7 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, int f32,
 }
 
 // one row of x, QR weight rows side by side: tile8's operations for mt = 1, row by row in the same order
-static inline __attribute__((always_inline)) void tile8_rows(const int BITS, int f32, const char *q,
+static inline __attribute__((always_inline)) void tile8_rows(const int BITS, const int SG, int f32, const char *q,
         size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
         const int32_t *xcorr, const float *xs, int G, float *r) {
     const int GX = BYTE_GROUP(BITS);
@@ -659,7 +665,7 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, int
                 __m256i a0, b0, a1, b1;
                 pair_weights(BITS, q + i * row_bytes + (size_t)j0 * 16, &a0, &b0);
                 pair_weights(BITS, q + i * row_bytes + (size_t)j0 * 16 + 32, &a1, &b1);
-                const __m256 c8 = half ? scales8(f32, s + i * srow, j) : _mm256_setzero_ps();
+                const __m256 c8 = half ? scales8(SG, f32, s + i * srow, j) : _mm256_setzero_ps();
                 fold_pairs(half, pair_dot(BITS, a0, b0, x0), pair_dot(BITS, a1, b1, x0 + 2 * GX), c8, xsc + j,
                            xcorr + j, &h[i], &acc[i]);
             }
@@ -669,13 +675,13 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, int
             __m256i a, bb;
             pair_weights(BITS, q + i * row_bytes + (size_t)j * 16, &a, &bb);
             const char *si = s + i * srow;
-            acc[i] = pair_leftover(pair_dot(BITS, a, bb, xq + (size_t)j * GX), xcorr + j, SC(si, j) * xsc[j],
-                                   SC(si, j + 1) * xsc[j + 1], acc[i]);
+            acc[i] = pair_leftover(pair_dot(BITS, a, bb, xq + (size_t)j * GX), xcorr + j, SC(si, j >> SG) * xsc[j],
+                                   SC(si, (j + 1) >> SG) * xsc[j + 1], acc[i]);
         }
     if (j < G)
         for (int i = 0; i < QR; i++)
             acc[i] = odd_group(BITS, q + i * row_bytes + (size_t)j * 16, xq + (size_t)j * GX, xcorr[j],
-                               SC(s + i * srow, j) * xsc[j], acc[i]);
+                               SC(s + i * srow, j >> SG) * xsc[j], acc[i]);
     for (int i = 0; i < QR; i++) {
         float bt = 0.0f;
         if (BITS == 4)
@@ -686,8 +692,9 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, int
     }
 }
 #else
-static void tile8(const int BITS, int f32, const char *q, const char *s, const char *b, int K, const int8_t *xq,
-                  const float *xsc, const int32_t *xcorr, const float *xs, int G, const int mt, float *r) {
+static void tile8(const int BITS, const int SG, int f32, const char *q, const char *s, const char *b, int K,
+                  const int8_t *xq, const float *xsc, const int32_t *xcorr, const float *xs, int G, const int mt,
+                  float *r) {
     const int g = BYTE_GROUP(BITS);
     for (int m = 0; m < mt; m++) {
         float tot[2] = {0.0f, 0.0f}, bacc = 0.0f;
@@ -698,7 +705,7 @@ static void tile8(const int BITS, int f32, const char *q, const char *s, const c
                                         : ((((const uint8_t *)q)[j * 16 + (c & 15)] >> (c & 16 ? 4 : 0)) & 15) - 8;
                 dot += v * xq[(size_t)m * K + xq8_at(BITS, G, j, c)];
             }
-            tot[j & 1] += (float)dot * (SC(s, j) * xsc[(size_t)m * G + xs8_at(G, j)]);
+            tot[j & 1] += (float)dot * (SC(s, j >> SG) * xsc[(size_t)m * G + xs8_at(G, j)]);
             if (b || BITS == 4) bacc += ((b ? SC(b, j) : 0.0f) + (BITS == 4 ? 8.0f * SC(s, j) : 0.0f)) * xs[(size_t)m * G + j];
         }
         r[m] = tot[0] + tot[1] + bacc;
@@ -706,11 +713,11 @@ static void tile8(const int BITS, int f32, const char *q, const char *s, const c
     (void)xcorr;
 }
 
-static void tile8_rows(const int BITS, int f32, const char *q, size_t row_bytes, const char *s, size_t srow,
-                       const char *b, const int8_t *xq, const float *xsc, const int32_t *xcorr, const float *xs, int G,
-                       float *r) {
+static void tile8_rows(const int BITS, const int SG, int f32, const char *q, size_t row_bytes, const char *s,
+                       size_t srow, const char *b, const int8_t *xq, const float *xsc, const int32_t *xcorr,
+                       const float *xs, int G, float *r) {
     for (int i = 0; i < QR; i++)
-        tile8(BITS, f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, G * BYTE_GROUP(BITS), xq, xsc, xcorr,
+        tile8(BITS, SG, f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, G * BYTE_GROUP(BITS), xq, xsc, xcorr,
               xs, G, 1, r + i);
 }
 #endif
@@ -727,17 +734,17 @@ struct job8 {
     float *y;
 };
 
-#define TILE8(MTC) tile8(BITS, f32, qn, sn, bn, K, jb->xq + (size_t)m0 * K, jb->xsc + (size_t)m0 * G, \
+#define TILE8(MTC) tile8(BITS, SG, f32, qn, sn, bn, K, jb->xq + (size_t)m0 * K, jb->xsc + (size_t)m0 * G, \
                          jb->xcorr + (size_t)m0 * G, jb->xs ? jb->xs + (size_t)m0 * G : NULL, G, MTC, r)
 #if QMT == 8
 #define WIDE_TILES8 case 8: TILE8(8); break; case 7: TILE8(7); break; case 6: TILE8(6); break; case 5: TILE8(5); break;
 #else
 #define WIDE_TILES8
 #endif
-#define RANGE8_FN(NAME, B, F32)                                                                                    \
+#define RANGE8_FN(NAME, B, SGV, F32)                                                                               \
 static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                      \
     const struct job8 *jb = (const struct job8 *)ctx;                                                           \
-    const int BITS = B, f32 = F32, M = jb->M, K = jb->K, G = jb->G;                                             \
+    const int BITS = B, SG = SGV, f32 = F32, M = jb->M, K = jb->K, G = jb->G;                                   \
     const size_t row_bytes = (size_t)G * 16, srow = jb->srow;                                                   \
     float r[QMT];                                                                                               \
     int64_t row = n_begin;                                                                                      \
@@ -745,7 +752,7 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
         for (; row + QR <= n_end; row += QR) {                                                                  \
             if (row + (PF_TILES + 1) * QR <= n_end)                                                             \
                 prefetch_tile(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_TILES * QR));             \
-            tile8_rows(BITS, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow, srow, \
+            tile8_rows(BITS, SG, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow, srow, \
                        jb->b ? jb->b + (size_t)row * srow : NULL, jb->xq, jb->xsc, jb->xcorr, jb->xs, G, r);    \
             for (int i = 0; i < QR; i++) jb->y[row + i] = r[i];                                                 \
         }                                                                                                       \
@@ -766,17 +773,20 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
         }                                                                                                       \
     }                                                                                                           \
 }
-RANGE8_FN(range_i4x8_h, 4, 0)
-RANGE8_FN(range_i4x8_f, 4, 1)
-RANGE8_FN(range_i8x8_h, 8, 0)
-RANGE8_FN(range_i8x8_f, 8, 1)
+RANGE8_FN(range_i4x8_h, 4, 0, 0)
+RANGE8_FN(range_i4x8_f, 4, 0, 1)
+RANGE8_FN(range_i8x8_h, 8, 0, 0)
+RANGE8_FN(range_i8x8_f, 8, 0, 1)
+RANGE8_FN(range_i8g32x8_h, 8, 1, 0)
+RANGE8_FN(range_i8g32x8_f, 8, 1, 1)
 #undef RANGE8_FN
 #undef TILE8
 #undef WIDE_TILES8
 
-// int4 in groups of 32 or int8 in groups of 16, int8 activations
+// int4 in groups of 32, int8 in groups of 16, or int8 in groups of 32 without biases (two byte groups per scale),
+// int8 activations
 static void linear_x8(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
-                      int64_t N, float *y, int nthreads) {
+                      int g, int64_t N, float *y, int nthreads) {
     const int G = K / BYTE_GROUP(bits);
     int8_t *xq = (int8_t *)malloc((size_t)M * K);
     float *xsc = (float *)malloc((size_t)M * G * sizeof(float) * 2), *xs = (b || bits == 4) ? xsc + (size_t)M * G : NULL;
@@ -786,9 +796,10 @@ static void linear_x8(int bits, int f32, const float *x, int M, int K, const voi
     else
         quantize_rows_i8(8, x, M, K, b != NULL, xq, xsc, xcorr, xs);
     const struct job8 jb = {M, K, G, xq, xsc, xcorr, xs, (const char *)q, (const char *)s, (const char *)b,
-                            (size_t)G * (f32 ? 4 : 2), N, y};
-    static const row_range_fn fns[2][2] = {{range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}};
-    split_rows(fns[bits == 8][f32 != 0], &jb, N, 4, N * K * M, nthreads);
+                            (size_t)(K / g) * (f32 ? 4 : 2), N, y};
+    static const row_range_fn fns[3][2] = {
+        {range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}, {range_i8g32x8_h, range_i8g32x8_f}};
+    split_rows(fns[bits == 4 ? 0 : g == 16 ? 1 : 2][f32 != 0], &jb, N, 4, N * K * M, nthreads);
     free(xq);
     free(xsc);
     free(xcorr);
@@ -796,12 +807,13 @@ static void linear_x8(int bits, int f32, const float *x, int M, int K, const voi
 
 // ---- exported ---------------------------------------------------------------------------------------
 // y[M, N] = x[M, K] @ dequant(W)^T, the rows of W split over threads. g <= MAX_GROUP (gsq_max_group()).
-// x8: the model computes in bfloat16 (8 significant bits), so int4 in 32s and int8 in 16s may round x to int8;
-// a float32 model keeps int16 activations (its greedy output then equals transformers' on the dequantized GGUF).
+// x8: the model computes in bfloat16 (8 significant bits), so int4 in 32s and int8 in 16s, or in 32s without
+// biases (GGUF Q8_0 / Q5_0, our symmetric int8), may round x to int8 (in groups of 32 for int4, 16 for int8); a
+// float32 model keeps int16 activations (its greedy output then equals transformers' on the dequantized GGUF).
 void gsq_linear(int bits, int f32, int x8, const float *x, int M, int K, const void *q, const void *s,
                 const void *b, int g, int64_t N, float *y, int nthreads) {
-    if (x8 && ((bits == 4 && g == 32) || (bits == 8 && g == 16))) {
-        linear_x8(bits, f32, x, M, K, q, s, b, N, y, nthreads);
+    if (x8 && ((bits == 4 && g == 32) || (bits == 8 && (g == 16 || (g == 32 && !b))))) {
+        linear_x8(bits, f32, x, M, K, q, s, b, g, N, y, nthreads);
         return;
     }
     const int G = K / g;

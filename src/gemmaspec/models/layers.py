@@ -14,6 +14,7 @@ from torch import nn
 from .. import kernels
 from ..cache import AttentionView
 from ..errors import ModelFileError
+from ..quant.formats import QuantizedWeight
 
 
 
@@ -152,8 +153,13 @@ def lm_logits(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -
     """float32 logits through the (tied) LM head, with Gemma's optional final tanh soft-capping. On the CPU the head
     takes float32 activations whatever the model's dtype: its kernels (decode and verification rows) compute in
     float32 anyway, and bfloat16 logits (8 significant bits) would blur the target's distribution and tie its
-    argmax. Longer calls (perplexity, training) with a plain bfloat16 table run a bfloat16 GEMM."""
-    logits = lm_head(hidden.float() if hidden.device.type == "cpu" else hidden).float()
+    argmax. Longer calls (perplexity, training) with a plain bfloat16 table run a bfloat16 GEMM. A packed head
+    rounds a bfloat16 model's activations to int8, as its blocks' matmuls do (x8: the bytes-times-bytes kernel)."""
+    packed = getattr(lm_head, "qweight", None)
+    if hidden.device.type == "cpu" and isinstance(packed, QuantizedWeight):
+        logits = packed.linear(hidden.float(), x8=hidden.dtype == torch.bfloat16)
+    else:
+        logits = lm_head(hidden.float() if hidden.device.type == "cpu" else hidden).float()
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 

@@ -116,13 +116,14 @@ class QuantizedWeight(nn.Module):
         return w.view(R, self.in_features).to(dtype or self.compute_dtype)
 
     # ---- matmul -----------------------------------------------------------------------------------------
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] @ W^T -> [..., N] in x's dtype."""
+    def linear(self, x: torch.Tensor, x8: bool = False) -> torch.Tensor:
+        """x [..., K] @ W^T -> [..., N] in x's dtype. x8: float32 x standing for a bfloat16 model's activations
+        (the kernel may round them to int8, as it does bfloat16 x)."""
         if (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.q.is_cpu
                 and not (x.requires_grad and torch.is_grad_enabled())):
             k = kernels.load()  # the decode / verification fast path: no reshapes, no casts
             if k is not None and self.group <= k.max_group:
-                return k.linear(self, x.contiguous())
+                return k.linear(self, x.contiguous(), x8=x8)
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         if self.q.device.type == "cuda":
