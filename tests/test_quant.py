@@ -183,6 +183,8 @@ def test_embedding_lookup_dequantizes_rows():
         rows = qw[ids]
         assert rows.shape == (2, 3, 128)
         assert torch.equal(rows, qw.dequantize()[ids])
+        with pytest.raises(IndexError):
+            qw[torch.tensor([3, 300])]
 
 
 def test_concat_mixed_formats_is_exact():
