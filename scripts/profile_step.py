@@ -7,6 +7,7 @@ The machine is shared: run it on an idle machine and compare phases within one r
 
     python scripts/profile_step.py [--weights auto|bf16|int8|int4] [--prompt-tokens 256] [--steps 128] [--threads N]
         [--rows T]   (T tokens per step, as a verification of T - 1 drafts; the cache keeps one of them)
+        [--define NAME=VALUE ...]   (extra -D for the kernels' build: an A/B experiment)
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rows", type=int, default=1, help="tokens per step: k + 1 is a verification of k drafts")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="an extra -D for the kernels' build (an experiment, e.g. ATTENTION_THREADED_WORK=65536)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    profiled = kernels.build_variant("GS_PROFILE")
+    profiled = kernels.build_variant("GS_PROFILE", *args.define)
     kernels._state["kernels"] = profiled  # every caller of kernels.load() gets the timed build
     seconds = (ctypes.c_double * len(PHASES)).in_dll(profiled.lib, "gs_profile_seconds")
 

@@ -116,7 +116,7 @@ class Kernels:
     def linear(self, w, x: torch.Tensor, x8: bool = False) -> torch.Tensor:
         """x [M, K] float32 contiguous -> [M, N] float32, for a QuantizedWeight `w` on the CPU (group at most
         `max_group`). x is quantized to int16 per row and group inside (linear.c); with x8 (a bfloat16 model), to
-        int8 against int4 in groups of 32 and int8 in groups of 16."""
+        int8 against int4 in groups of 32 and int8 in groups of 16, or of 32 without biases."""
         M, K = x.shape
         bits, f32, q, scales, bias, group, N = w.kernel_args()
         y = torch.empty(M, N, dtype=torch.float32)

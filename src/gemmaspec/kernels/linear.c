@@ -459,11 +459,12 @@ RANGE_FNS(f, 1)  // float32 scales
 #undef WIDE_TILES
 
 
-// ---- int8 activations: int4 weights in groups of 32, int8 weights in groups of 16 ----------------------------
+// ---- int8 activations: int4 weights in groups of 32, int8 weights in groups of 16 (or 32 without biases) -----
 // The int16 path above widens every weight to 16 bits and does 16 multiply-adds per instruction: at one row of x
 // (plain decoding) int4 matmuls were bound by those instructions, not by DRAM (~24 GB/s of weights where float32
-// ones streamed at ~36). For the formats of GGUF K-quants (Q4_K: int4 in 32s; Q6_K: int8 in 16s) in the decoder
-// blocks of a bfloat16 model (the LM head gets float32 x: int16) x is quantized to int8 per group instead
+// ones streamed at ~36). For the formats of GGUF K-quants (Q4_K: int4 in 32s; Q6_K: int8 in 16s), and Q8_0 / Q5_0
+// (int8 in 32s, two 16-byte groups sharing a scale), in every matmul of a bfloat16 model (its LM head included)
+// x is quantized to int8 per group instead
 // (xs_j = max|x in group j| / 127: a relative error of at most 2^-8 of the group's largest value, still well
 // below the weights' own) and the weights
 // are multiplied as unsigned bytes with vpdpbusd, 32 multiply-adds per instruction: int4 nibbles (0..15) as they

@@ -104,6 +104,9 @@ void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const
 // same whichever heads it is taken with: scores, exponentials and sums in slot order, so a query's result
 // depends only on its own valid slots (not on T or the thread count).
 #define MAX_HEADS 4
+#ifndef ATTENTION_THREADED_WORK
+#define ATTENTION_THREADED_WORK (1 << 18)  // S * T * nq * hd above which attention takes all threads
+#endif
 
 #ifdef GS_AVX2
 // scores[h][s] = scale * q_h . K[s] for NH heads at once: dot_eb's order for each head
@@ -251,7 +254,7 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
     const size_t eb = kv_bf16 ? 2 : 4;
     // a task: up to `per` query heads of one KV head for one token. Threads only pay off for long contexts; then
     // fewer heads per task where there would be fewer tasks than threads (the result is the same either way).
-    const int threads = (int64_t)S * T * nq * hd > (1 << 18) ? nthreads : 1;
+    const int threads = (int64_t)S * T * nq * hd > ATTENTION_THREADED_WORK ? nthreads : 1;
     int per = group < MAX_HEADS ? group : MAX_HEADS;
     while (per > 1 && (int64_t)T * nkv * ((group + per - 1) / per) < threads) per = (per + 1) / 2;
     const int chunks = (group + per - 1) / per, tasks = T * nkv * chunks;

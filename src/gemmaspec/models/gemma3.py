@@ -251,6 +251,10 @@ class Gemma3Model(nn.Module):
         cache.end()
         return self.norm(x)
 
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_stack_cache", None)  # tensors move (`.to()`): the next forward rebuilds the arguments
+        return super()._apply(fn, *args, **kwargs)
+
     def _stack(self, x, cache: KVCache, cos_l, sin_l, cos_f, sin_f):
         """Every block in one C call (kernels/block.c gs_gemma3_stack: each block exactly as Gemma3Block.forward's
         C path, without ~85 us of Python per block) for decode and verification steps; None where a block cannot
@@ -267,7 +271,9 @@ class Gemma3Model(nn.Module):
             sliding = [layer.sliding for layer in self.layers]  # the C loop picks RoPE and cache view by this flag
             usable = all(b is not None for b in blocks) and sliding == [s.window is not None for s in cache.specs]
             args = kernels.StackArgs(blocks, sliding, cache.keys, cache.values) if usable else None
-            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args)
+            # the weights behind the pointers, kept alive even if a block's own argument cache is rebuilt
+            holders = [layer.__dict__.get("_block_cache") for layer in self.layers]
+            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders)
         if cached[1] is None:
             return None
         views = {}

@@ -151,10 +151,11 @@ def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
 
 def lm_logits(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """float32 logits through the (tied) LM head, with Gemma's optional final tanh soft-capping. On the CPU the head
-    takes float32 activations whatever the model's dtype: its kernels (decode and verification rows) compute in
-    float32 anyway, and bfloat16 logits (8 significant bits) would blur the target's distribution and tie its
-    argmax. Longer calls (perplexity, training) with a plain bfloat16 table run a bfloat16 GEMM. A packed head
-    rounds a bfloat16 model's activations to int8, as its blocks' matmuls do (x8: the bytes-times-bytes kernel)."""
+    gives float32 logits whatever the model's dtype: its kernels (decode and verification rows) compute in float32
+    anyway, and bfloat16 logits (8 significant bits) would blur the target's distribution and tie its argmax. A
+    packed (int8 / int4) head of a bfloat16 model rounds the activations to int8 inside, as the blocks' matmuls do
+    (x8: the bytes-times-bytes kernel); other heads take float32 activations. Longer calls (perplexity, training)
+    with a plain bfloat16 table run a bfloat16 GEMM."""
     packed = getattr(lm_head, "qweight", None)
     if hidden.device.type == "cpu" and isinstance(packed, QuantizedWeight):
         logits = packed.linear(hidden.float(), x8=hidden.dtype == torch.bfloat16)

@@ -80,10 +80,10 @@ class QuantizedWeight(nn.Module):
         one row costs ~10 us there, ~250 us through PyTorch's ops)."""
         ids = torch.as_tensor(ids, device=self.device)
         flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):  # (the C kernel reads
+            raise IndexError(f"embedding row out of range [0, {self.out_features})")      # what it is told)
         k = kernels.load() if self.q.is_cpu and flat.numel() else None
         if k is not None and self.group <= k.max_group:
-            if int(flat.min()) < 0 or int(flat.max()) >= self.out_features:  # the kernel reads what it is told
-                raise IndexError(f"embedding row out of range [0, {self.out_features})")
             rows = k.dequant(self, 0, 0, rows=flat).to(self.compute_dtype)
         else:
             rows = self.dequantize(flat)
