@@ -14,6 +14,11 @@
 
 #include "common.h"
 
+#if defined(GS_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && defined(__AVX512VNNI__) && !defined(GS_NO_X8_512)
+#define GS_X8_512 1  // the int8-activation matmuls in 512-bit vectors (tile8 below); -DGS_NO_X8_512: AVX2 ones
+#endif
+
 static inline float h2f(uint16_t h) {
 #ifdef GS_AVX2
     return _cvtsh_ss(h);
@@ -126,9 +131,12 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
 // prefetching the scale (and bias) rows too: int8 head ~0.92x again, plain decode 1.04x.
 #define QR 4
 // every cache line of [p, p + n)
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 3
+#endif
 static inline void prefetch_span(const char *p, size_t n) {
-    for (size_t c = 0; c < n; c += 64) __builtin_prefetch(p + c);
-    __builtin_prefetch(p + n - 1);
+    for (size_t c = 0; c < n; c += 64) __builtin_prefetch(p + c, 0, PF_LOCALITY);
+    __builtin_prefetch(p + n - 1, 0, PF_LOCALITY);
 }
 #ifndef PF_TILES
 #define PF_TILES 2  // tiles ahead (QR rows each); 1-3 measured alike
@@ -384,7 +392,7 @@ static void quantize_rows(const float *x, int M, int K, int g, int with_sums, in
         const int finite = isfinite(mx) && !isnan(sum);  // else the row's outputs are NaN, as in PyTorch
         const float inv = finite && mx > 0.0f ? 32767.0f / mx : 0.0f;
         xsc[i] = finite ? mx / 32767.0f : NAN;
-        for (int c = 0; c < g; c++) xq[(size_t)i * g + c] = (int16_t)(finite ? lrintf(xi[c] * inv) : 0);
+        for (int c = 0; c < g; c++) xq[(size_t)i * g + c] = (int16_t)(finite ? (int)rintf(xi[c] * inv) : 0);
         if (with_sums) xs[i] = sum;
     }
 }
@@ -496,33 +504,110 @@ static inline size_t xs8_at(int G, int j) {
     return (size_t)(j & ~7) + (i >> 1) + 4 * (i & 1);
 }
 
+// One group of g (16 or 32) values of x to int8: q[c] = round(x[c] * 127 / max|x|), *scale = max|x| / 127 (NaN
+// when the group has a NaN or infinity: the row's outputs are then NaN, as in PyTorch), *sum = the float sum of
+// the group (eight-lane partial sums with AVX2); returns the sum of q. The rounding is to nearest even, as rintf.
+static inline __attribute__((always_inline)) int32_t quantize_group_i8(const float *x, int g, int8_t *q, float *scale,
+                                                                       float *sum) {
+#ifdef GS_AVX2
+    __m256 mxv = _mm256_setzero_ps(), sv = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int c = 0; c < g; c += 8) {
+        const __m256 v = _mm256_loadu_ps(x + c);
+        mxv = _mm256_max_ps(mxv, _mm256_andnot_ps(sign, v));
+        sv = _mm256_add_ps(sv, v);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mxv), _mm256_extractf128_ps(mxv, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))), total = hsum(sv);
+#else
+    float mx = 0.0f, total = 0.0f;
+    for (int c = 0; c < g; c++) {
+        const float a = fabsf(x[c]);
+        mx = a > mx ? a : mx;
+        total += x[c];
+    }
+#endif
+    const int finite = isfinite(mx) && !isnan(total);  // a NaN shows in the sum, an infinity in the maximum
+    const float inv = finite && mx > 0.0f ? 127.0f / mx : 0.0f;
+    int32_t isum = 0;
+#ifdef GS_AVX2
+    __m256i iv = _mm256_setzero_si256();
+    for (int c = 0; c < g; c += 8) {
+        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c), _mm256_set1_ps(inv)));
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64((__m128i *)(q + c), _mm_packs_epi16(w, w));
+        iv = _mm256_add_epi32(iv, v);
+    }
+    if (finite) {
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(iv), _mm256_extracti128_si256(iv, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        isum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+    } else {
+        memset(q, 0, (size_t)g);
+    }
+#else
+    for (int c = 0; c < g; c++) {
+        const int v = finite ? (int)rintf(x[c] * inv) : 0;
+        q[c] = (int8_t)v;
+        isum += v;
+    }
+#endif
+    *scale = finite ? mx / 127.0f : NAN;
+    *sum = total;
+    return isum;
+}
+
 // xq, xsc as above; xcorr: the offset (int4 8, int8 128) times the sum of xq per group; xs: the float sums of x
 // per group (bias terms), in order
-static void quantize_rows_i8(const int BITS, const float *x, int M, int K, int with_sums, int8_t *xq, float *xsc,
-                             int32_t *xcorr, float *xs) {
+static __attribute__((unused)) void quantize_rows_i8(const int BITS, const float *x, int M, int K, int with_sums,
+                                                     int8_t *xq, float *xsc, int32_t *xcorr, float *xs) {
     const int g = BYTE_GROUP(BITS), G = K / g;
     for (int m = 0; m < M; m++)
         for (int j = 0; j < G; j++) {
-            const float *xi = x + (size_t)m * K + (size_t)j * g;
-            float mx = 0.0f, sum = 0.0f;
-            for (int c = 0; c < g; c++) {
-                const float a = fabsf(xi[c]);
-                mx = a > mx ? a : mx;
-                sum += xi[c];
+            int8_t q[32];
+            float scale, sum;
+            const int32_t isum = quantize_group_i8(x + (size_t)m * K + (size_t)j * g, g, q, &scale, &sum);
+            int8_t *row = xq + (size_t)m * K;
+            if (BITS == 8 || (j | 1) >= G) {
+                memcpy(row + xq8_at(BITS, G, j, 0), q, (size_t)g);
+            } else {
+                memcpy(row + xq8_at(BITS, G, j, 0), q, 16);
+                memcpy(row + xq8_at(BITS, G, j, 16), q + 16, 16);
             }
-            const int finite = isfinite(mx) && !isnan(sum);  // else the row's outputs are NaN, as in PyTorch
-            const float inv = finite && mx > 0.0f ? 127.0f / mx : 0.0f;
-            int32_t isum = 0;
-            for (int c = 0; c < g; c++) {
-                const int v = finite ? (int)lrintf(xi[c] * inv) : 0;
-                xq[(size_t)m * K + xq8_at(BITS, G, j, c)] = (int8_t)v;
-                isum += v;
-            }
-            xsc[(size_t)m * G + xs8_at(G, j)] = finite ? mx / 127.0f : NAN;
+            xsc[(size_t)m * G + xs8_at(G, j)] = scale;
             xcorr[(size_t)m * G + xs8_at(G, j)] = (BITS == 8 ? 128 : 8) * isum;
             if (with_sums) xs[(size_t)m * G + j] = sum;
         }
 }
+
+#ifdef GS_X8_512
+// The layout of the AVX-512 tiles (tile8 below): blocks of 16 byte groups (zeros past the last group), each block
+// for all M rows of x in turn (a tile then finds its rows at fixed offsets). xq: a block as four (int8) or eight (int4) 64-byte vectors, vector v holding in bytes 4l..4l+3 the values
+// 4v..4v+3 of the block's group l (int4: v < 4 the values of the low nibbles, 4v..4v+3; v >= 4 those of the high
+// ones, 16 + 4(v - 4)..); xc: the groups' scales xs_j, 16 per block; xnc: per group, minus the offset (int4 8,
+// int8 128) times the sum of its xq values; xs: the float sums of x per group, in order.
+static void quantize_rows_blocks(const int BITS, const float *x, int M, int K, int with_sums, int8_t *xq, float *xc,
+                                 int32_t *xnc, float *xs) {
+    const int g = BYTE_GROUP(BITS), G = K / g, XB = BITS == 4 ? 512 : 256, off = BITS == 8 ? 128 : 8;
+    const size_t nblocks = (size_t)(G + 15) / 16;  // x8_blocks()
+    memset(xq, 0, (size_t)M * nblocks * XB);
+    memset(xc, 0, sizeof(float) * M * nblocks * 16);
+    memset(xnc, 0, sizeof(int32_t) * M * nblocks * 16);
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < G; j++) {
+            int8_t q[32];
+            float scale, sum;
+            const int32_t isum = quantize_group_i8(x + (size_t)m * K + (size_t)j * g, g, q, &scale, &sum);
+            const size_t block = (size_t)(j / 16) * M + m, l = j % 16;
+            for (int v = 0; v < g / 4; v++)  // values 4v..4v+3 (int4: v >= 4 are those of the high nibbles)
+                memcpy(xq + block * XB + 64 * v + 4 * l, q + 4 * v, 4);
+            xc[block * 16 + l] = scale;
+            xnc[block * 16 + l] = -off * isum;
+            if (with_sums) xs[(size_t)m * G + j] = sum;
+        }
+}
+#endif
 
 #ifdef GS_AVX2
 static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i w, __m256i x) {
@@ -605,10 +690,141 @@ static inline __attribute__((always_inline)) __m256 odd_group(const int BITS, co
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(c), acc);
 }
 
+#ifdef GS_X8_512
+// AVX-512 (VNNI): byte groups sixteen at a time, and no horizontal adds. The AVX2 fold above spends three
+// horizontal adds (shuffle-port uops) per eight groups and row of x, so every extra row of x cost ~40% of the
+// first at the verification shape. Here the block's 256 weight bytes (16 groups of 16) are transposed in registers
+// once per weight row (eight two-source permutes: vector v, int32 lane l = bytes 4v..4v+3 of group l), so four
+// vpdpbusd (int4: eight, the nibbles split after the transpose) leave in lane l the whole dot of group l with x (laid
+// out to match, quantize_rows_blocks), started from the group's offset correction: exact and centred. Per block and
+// row of x then one convert, a multiply by the 16 scales s_j xs_j and one FMA into a 16-lane float accumulator.
+// A last partial block is read under a mask (zero bytes and scales). Fixed order per (weight row, row of x)
+// whatever M is: blocks in order, then a 16-lane sum, then the bias term (as the AVX2 path).
+#define X8_BLOCK_BYTES(BITS) ((BITS) == 4 ? 512 : 256)  // bytes of x per block of 16 groups
+
+static inline size_t x8_blocks(int G) { return (size_t)(G + 15) / 16; }
+
+// the 16 scales of block k (nb groups): s_j (SG = 0) or s_(j/2) (SG = 1)
+static inline __attribute__((always_inline)) __m512 block_scales(const int SG, int f32, const char *s, int k, int nb) {
+    if (SG) {
+        const int n = (nb + 1) / 2;
+        const __mmask8 m = (__mmask8)((1u << n) - 1);
+        const __m256 v = f32 ? _mm256_maskz_loadu_ps(m, (const float *)s + 8 * k)
+                             : _mm256_cvtph_ps(_mm_maskz_loadu_epi16(m, (const uint16_t *)s + 8 * k));
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                     _mm512_castps256_ps512(v));
+    }
+    const __mmask16 m = nb == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nb) - 1);
+    return f32 ? _mm512_maskz_loadu_ps(m, (const float *)s + 16 * k)
+               : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)s + 16 * k));
+}
+
+// block k's weights (nb groups at q + 256 k) transposed: w[v] lane l = bytes 4v..4v+3 of group l; then int4's low
+// nibbles in w[0..3], high ones in w[4..7]; int8's offset to unsigned bytes
+static inline __attribute__((always_inline)) void block_weights(const int BITS, const char *q, int k, int nb,
+                                                                __m512i *w) {
+    __m512i in[4];
+    const char *p = q + (size_t)k * 256;
+    for (int u = 0; u < 4; u++) {
+        if (nb == 16) {
+            in[u] = _mm512_loadu_si512((const void *)(p + 64 * u));
+        } else {
+            const int bytes = 16 * nb - 64 * u;  // of this vector
+            const __mmask64 m = bytes >= 64 ? ~(__mmask64)0 : bytes <= 0 ? 0 : ((__mmask64)1 << bytes) - 1;
+            in[u] = _mm512_maskz_loadu_epi8(m, p + 64 * u);
+        }
+    }
+    // stage 1: groups 0-7 (in0, in1) and 8-15 (in2, in3), their dwords 0, 1 (a) and 2, 3 (b), as lane 2g + v
+    const __m512i ia = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+    const __m512i ib = _mm512_add_epi32(ia, _mm512_set1_epi32(2));
+    const __m512i a01 = _mm512_permutex2var_epi32(in[0], ia, in[1]), b01 = _mm512_permutex2var_epi32(in[0], ib, in[1]);
+    const __m512i a23 = _mm512_permutex2var_epi32(in[2], ia, in[3]), b23 = _mm512_permutex2var_epi32(in[2], ib, in[3]);
+    // stage 2: dword v of group l in lane l
+    const __m512i i0 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
+    __m512i t[4] = {_mm512_permutex2var_epi32(a01, i0, a23), _mm512_permutex2var_epi32(a01, i1, a23),
+                    _mm512_permutex2var_epi32(b01, i0, b23), _mm512_permutex2var_epi32(b01, i1, b23)};
+    if (BITS == 8) {
+        for (int v = 0; v < 4; v++) w[v] = _mm512_xor_si512(t[v], _mm512_set1_epi8((char)0x80));
+        return;
+    }
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    for (int v = 0; v < 4; v++) {
+        w[v] = _mm512_and_si512(t[v], mask);
+        w[4 + v] = _mm512_and_si512(_mm512_srli_epi16(t[v], 4), mask);
+    }
+}
+
+// acc += (the 16 centred group dots of a block for one row of x: its values x, scales xc, corrections xnc) * s * xs
+static inline __attribute__((always_inline)) __m512 block_fma(const int BITS, const __m512i *w, __m512 s16,
+        const int8_t *x, const float *xc, const int32_t *xnc, __m512 acc) {
+    __m512i d = _mm512_loadu_si512((const void *)xnc);
+    for (int v = 0; v < (BITS == 4 ? 8 : 4); v++)
+        d = _mm512_dpbusd_epi32(d, w[v], _mm512_loadu_si512((const void *)(x + 64 * v)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s16, _mm512_loadu_ps(xc)), acc);
+}
+
+static inline float hsum16(__m512 v) {
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+// one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1). xq_stride,
+// xc_stride: from one block of x to the next
+static inline __attribute__((always_inline)) void tile8(const int BITS, const int SG, int f32, const char *q, const char *s,
+        const char *b, size_t xq_stride, const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_stride,
+        const float *xs, int G, const int mt, float *r) {
+    const int XB = X8_BLOCK_BYTES(BITS);
+    __m512 acc[QMT];
+    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
+    const int nblocks = (int)x8_blocks(G);
+    for (int k = 0; k < nblocks; k++) {
+        const int nb = G - 16 * k < 16 ? G - 16 * k : 16;
+        __m512i w[8];
+        block_weights(BITS, q, k, nb, w);
+        const __m512 s16 = block_scales(SG, f32, s, k, nb);
+        const int8_t *xk = xq + k * xq_stride;
+        const float *ck = xsc + k * xc_stride;
+        const int32_t *nk = xcorr + k * xc_stride;
+        for (int m = 0; m < mt; m++) acc[m] = block_fma(BITS, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
+    }
+    float bt[QMT] = {0.0f};
+    if (BITS == 4)
+        centred_bias_terms(f32, b, s, 8.0f, xs, G, mt, bt);  // b_j + 8 s_j: the centring's share
+    else if (b)
+        bias_terms(f32, b, xs, G, mt, bt);
+    for (int m = 0; m < mt; m++) r[m] = hsum16(acc[m]) + bt[m];
+}
+
+// one row of x, QR weight rows side by side: tile8's operations for mt = 1, row by row in the same order
+static inline __attribute__((always_inline)) void tile8_rows(const int BITS, const int SG, int f32, const char *q,
+        size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
+        const int32_t *xcorr, const float *xs, int G, float *r) {
+    __m512 acc[QR];
+    for (int i = 0; i < QR; i++) acc[i] = _mm512_setzero_ps();
+    const int nblocks = (int)x8_blocks(G);
+    for (int k = 0; k < nblocks; k++) {
+        const int nb = G - 16 * k < 16 ? G - 16 * k : 16;
+        for (int i = 0; i < QR; i++) {
+            __m512i w[8];
+            block_weights(BITS, q + i * row_bytes, k, nb, w);
+            acc[i] = block_fma(BITS, w, block_scales(SG, f32, s + i * srow, k, nb), xq + (size_t)k * X8_BLOCK_BYTES(BITS),
+                               xsc + 16 * k, xcorr + 16 * k, acc[i]);
+        }
+    }
+    for (int i = 0; i < QR; i++) {
+        float bt = 0.0f;
+        if (BITS == 4)
+            centred_bias_terms(f32, b ? b + i * srow : NULL, s + i * srow, 8.0f, xs, G, 1, &bt);
+        else if (b)
+            bias_terms(f32, b + i * srow, xs, G, 1, &bt);
+        r[i] = hsum16(acc[i]) + bt;
+    }
+}
+#else  // AVX2
 // one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1)
 static inline __attribute__((always_inline)) void tile8(const int BITS, const int SG, int f32, const char *q, const char *s,
-        const char *b, int K, const int8_t *xq, const float *xsc, const int32_t *xcorr, const float *xs, int G,
-        const int mt, float *r) {
+        const char *b, size_t xq_row, const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_row,
+        const float *xs, int G, const int mt, float *r) {
     const int GX = BYTE_GROUP(BITS);  // x values per group
     __m256 acc[QMT];
     __m256i h[QMT];
@@ -622,9 +838,9 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, const in
             pair_weights(BITS, q + (size_t)j0 * 16 + 32, &a1, &b1);
             const __m256 c8 = half ? scales8(SG, f32, s, j) : _mm256_setzero_ps();
             for (int m = 0; m < mt; m++) {
-                const int8_t *xm = xq + (size_t)m * K + (size_t)j0 * GX;
+                const int8_t *xm = xq + m * xq_row + (size_t)j0 * GX;
                 fold_pairs(half, pair_dot(BITS, a0, b0, xm), pair_dot(BITS, a1, b1, xm + 2 * GX), c8,
-                           xsc + (size_t)m * G + j, xcorr + (size_t)m * G + j, &h[m], &acc[m]);
+                           xsc + m * xc_row + j, xcorr + m * xc_row + j, &h[m], &acc[m]);
             }
         }
     for (; j + 2 <= G; j += 2) {
@@ -632,15 +848,15 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, const in
         pair_weights(BITS, q + (size_t)j * 16, &a, &bb);
         const float s0 = SC(s, j >> SG), s1 = SC(s, (j + 1) >> SG);
         for (int m = 0; m < mt; m++) {
-            const float *xc = xsc + (size_t)m * G + j;
-            acc[m] = pair_leftover(pair_dot(BITS, a, bb, xq + (size_t)m * K + (size_t)j * GX),
-                                   xcorr + (size_t)m * G + j, s0 * xc[0], s1 * xc[1], acc[m]);
+            const float *xc = xsc + m * xc_row + j;
+            acc[m] = pair_leftover(pair_dot(BITS, a, bb, xq + m * xq_row + (size_t)j * GX),
+                                   xcorr + m * xc_row + j, s0 * xc[0], s1 * xc[1], acc[m]);
         }
     }
     if (j < G)
         for (int m = 0; m < mt; m++)
-            acc[m] = odd_group(BITS, q + (size_t)j * 16, xq + (size_t)m * K + (size_t)j * GX,
-                               xcorr[(size_t)m * G + j], SC(s, j >> SG) * xsc[(size_t)m * G + j], acc[m]);
+            acc[m] = odd_group(BITS, q + (size_t)j * 16, xq + m * xq_row + (size_t)j * GX,
+                               xcorr[m * xc_row + j], SC(s, j >> SG) * xsc[m * xc_row + j], acc[m]);
     float bt[QMT] = {0.0f};
     if (BITS == 4)
         centred_bias_terms(f32, b, s, 8.0f, xs, G, mt, bt);  // b_j + 8 s_j: the centring's share
@@ -692,10 +908,11 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, con
         r[i] = hsum(acc[i]) + bt;
     }
 }
+#endif  // GS_X8_512
 #else
-static void tile8(const int BITS, const int SG, int f32, const char *q, const char *s, const char *b, int K,
-                  const int8_t *xq, const float *xsc, const int32_t *xcorr, const float *xs, int G, const int mt,
-                  float *r) {
+static void tile8(const int BITS, const int SG, int f32, const char *q, const char *s, const char *b, size_t xq_row,
+                  const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_row, const float *xs, int G,
+                  const int mt, float *r) {
     const int g = BYTE_GROUP(BITS);
     for (int m = 0; m < mt; m++) {
         float tot[2] = {0.0f, 0.0f}, bacc = 0.0f;
@@ -704,9 +921,9 @@ static void tile8(const int BITS, const int SG, int f32, const char *q, const ch
             for (int c = 0; c < g; c++) {
                 const int v = BITS == 8 ? ((const int8_t *)q)[j * 16 + c]
                                         : ((((const uint8_t *)q)[j * 16 + (c & 15)] >> (c & 16 ? 4 : 0)) & 15) - 8;
-                dot += v * xq[(size_t)m * K + xq8_at(BITS, G, j, c)];
+                dot += v * xq[m * xq_row + xq8_at(BITS, G, j, c)];
             }
-            tot[j & 1] += (float)dot * (SC(s, j >> SG) * xsc[(size_t)m * G + xs8_at(G, j)]);
+            tot[j & 1] += (float)dot * (SC(s, j >> SG) * xsc[m * xc_row + xs8_at(G, j)]);
             if (b || BITS == 4) bacc += ((b ? SC(b, j) : 0.0f) + (BITS == 4 ? 8.0f * SC(s, j) : 0.0f)) * xs[(size_t)m * G + j];
         }
         r[m] = tot[0] + tot[1] + bacc;
@@ -718,13 +935,15 @@ static void tile8_rows(const int BITS, const int SG, int f32, const char *q, siz
                        size_t srow, const char *b, const int8_t *xq, const float *xsc, const int32_t *xcorr,
                        const float *xs, int G, float *r) {
     for (int i = 0; i < QR; i++)
-        tile8(BITS, SG, f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, G * BYTE_GROUP(BITS), xq, xsc, xcorr,
-              xs, G, 1, r + i);
+        tile8(BITS, SG, f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, (size_t)G * BYTE_GROUP(BITS), xq,
+              xsc, xcorr, (size_t)G, xs, G, 1, r + i);
 }
 #endif
 
 struct job8 {
     int M, K, G;
+    size_t xq_step, xc_step;      // from one row of x to the next: bytes of xq, values of xsc / xcorr
+    size_t xq_stride, xc_stride;  // what tile8 takes: the same (AVX2), or from one block of x to the next (AVX-512)
     const int8_t *xq;
     const float *xsc;
     const int32_t *xcorr;
@@ -735,8 +954,8 @@ struct job8 {
     float *y;
 };
 
-#define TILE8(MTC) tile8(BITS, SG, f32, qn, sn, bn, K, jb->xq + (size_t)m0 * K, jb->xsc + (size_t)m0 * G, \
-                         jb->xcorr + (size_t)m0 * G, jb->xs ? jb->xs + (size_t)m0 * G : NULL, G, MTC, r)
+#define TILE8(MTC) tile8(BITS, SG, f32, qn, sn, bn, jb->xq_stride, jb->xq + m0 * jb->xq_step, jb->xsc + m0 * jb->xc_step, \
+                         jb->xcorr + m0 * jb->xc_step, jb->xc_stride, jb->xs ? jb->xs + (size_t)m0 * G : NULL, G, MTC, r)
 #if QMT == 8
 #define WIDE_TILES8 case 8: TILE8(8); break; case 7: TILE8(7); break; case 6: TILE8(6); break; case 5: TILE8(5); break;
 #else
@@ -745,7 +964,7 @@ struct job8 {
 #define RANGE8_FN(NAME, B, SGV, F32)                                                                               \
 static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                      \
     const struct job8 *jb = (const struct job8 *)ctx;                                                           \
-    const int BITS = B, SG = SGV, f32 = F32, M = jb->M, K = jb->K, G = jb->G;                                   \
+    const int BITS = B, SG = SGV, f32 = F32, M = jb->M, G = jb->G;                                              \
     const size_t row_bytes = (size_t)G * 16, srow = jb->srow;                                                   \
     float r[QMT];                                                                                               \
     int64_t row = n_begin;                                                                                      \
@@ -761,8 +980,8 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
     for (; row < n_end; row++) {                                                                                \
         const char *qn = jb->q + (size_t)row * row_bytes, *sn = jb->s + (size_t)row * srow;                     \
         const char *bn = jb->b ? jb->b + (size_t)row * srow : NULL;                                             \
-        for (int m0 = 0; m0 < M; m0 += QMT) {                                                                   \
-            const int tm = M - m0 < QMT ? M - m0 : QMT;                                                         \
+        for (size_t m0 = 0; m0 < (size_t)M; m0 += QMT) {                                                        \
+            const int tm = M - (int)m0 < QMT ? M - (int)m0 : QMT;                                               \
             switch (tm) {                                                                                       \
                 WIDE_TILES8                                                                                     \
                 case 4: TILE8(4); break;                                                                        \
@@ -788,16 +1007,24 @@ RANGE8_FN(range_i8g32x8_f, 8, 1, 1)
 // int8 activations
 static void linear_x8(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
                       int g, int64_t N, float *y, int nthreads) {
-    const int G = K / BYTE_GROUP(bits);
-    int8_t *xq = (int8_t *)malloc((size_t)M * K);
-    float *xsc = (float *)malloc((size_t)M * G * sizeof(float) * 2), *xs = (b || bits == 4) ? xsc + (size_t)M * G : NULL;
-    int32_t *xcorr = (int32_t *)malloc((size_t)M * G * sizeof(int32_t));
-    if (bits == 4)
-        quantize_rows_i8(4, x, M, K, 1, xq, xsc, xcorr, xs);
-    else
-        quantize_rows_i8(8, x, M, K, b != NULL, xq, xsc, xcorr, xs);
-    const struct job8 jb = {M, K, G, xq, xsc, xcorr, xs, (const char *)q, (const char *)s, (const char *)b,
-                            (size_t)(K / g) * (f32 ? 4 : 2), N, y};
+    const int G = K / BYTE_GROUP(bits), with_sums = b || bits == 4;
+#ifdef GS_X8_512
+    const size_t xq_step = X8_BLOCK_BYTES(bits), xc_step = 16, xq_stride = M * xq_step, xc_stride = M * xc_step;
+    const size_t xq_row = x8_blocks(G) * xq_step, xc_row = x8_blocks(G) * xc_step;  // per row of x in all
+#else
+    const size_t xq_step = (size_t)K, xc_step = (size_t)G, xq_stride = xq_step, xc_stride = xc_step;
+    const size_t xq_row = xq_step, xc_row = xc_step;
+#endif
+    int8_t *xq = (int8_t *)malloc((size_t)M * xq_row);
+    float *xsc = (float *)malloc(sizeof(float) * M * (xc_row + G)), *xs = with_sums ? xsc + M * xc_row : NULL;
+    int32_t *xcorr = (int32_t *)malloc(sizeof(int32_t) * M * xc_row);
+#ifdef GS_X8_512
+    quantize_rows_blocks(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
+#else
+    quantize_rows_i8(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
+#endif
+    const struct job8 jb = {M, K, G, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
+                            (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y};
     static const row_range_fn fns[3][2] = {
         {range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}, {range_i8g32x8_h, range_i8g32x8_f}};
     split_rows(fns[bits == 4 ? 0 : g == 16 ? 1 : 2][f32 != 0], &jb, N, 4, N * K * M, nthreads);
