@@ -130,24 +130,34 @@ static inline void deq_row(int bits, int f32, const void *q, const void *s, cons
 // 0.8-0.95x (without the prefetch int8 was 1.1x: four interleaved rows are not one stream to the prefetcher);
 // prefetching the scale (and bias) rows too: int8 head ~0.92x again, plain decode 1.04x.
 #define QR 4
-// every cache line of [p, p + n)
-#ifndef PF_LOCALITY
-#define PF_LOCALITY 3
-#endif
-static inline void prefetch_span(const char *p, size_t n) {
-    for (size_t c = 0; c < n; c += 64) __builtin_prefetch(p + c, 0, PF_LOCALITY);
-    __builtin_prefetch(p + n - 1, 0, PF_LOCALITY);
+// every cache line of [p, p + n), into L1 (to_l2 = 0) or L2. Plain decoding's one-row tiles prefetch into L2: on
+// the 2-core Xeon the auto-weights step took 15.0 ms instead of 15.8 (the LM head streamed at 20.8 GB/s, not 19.2);
+// the multi-row loop into L1 (L2 there cost verification ~3%).
+static inline __attribute__((always_inline)) void prefetch_span(const char *p, size_t n, int to_l2) {
+    if (to_l2) {
+        for (size_t c = 0; c < n; c += 64) __builtin_prefetch(p + c, 0, 2);
+        __builtin_prefetch(p + n - 1, 0, 2);
+    } else {
+        for (size_t c = 0; c < n; c += 64) __builtin_prefetch(p + c);
+        __builtin_prefetch(p + n - 1);
+    }
 }
 #ifndef PF_TILES
 #define PF_TILES 2  // tiles ahead (QR rows each); 1-3 measured alike
 #endif
-// the QR weight rows from row `ahead`: values, and scales and biases (streams of their own). Inlined: as a call
-// in the tile loop it cost the one-row int4 / int8 heads 10-20% of their rate.
-static inline __attribute__((always_inline)) void prefetch_tile(const char *q, size_t row_bytes, const char *s,
-                                                                const char *b, size_t srow, size_t ahead) {
-    prefetch_span(q + ahead * row_bytes, QR * row_bytes);
-    prefetch_span(s + ahead * srow, QR * srow);
-    if (b) prefetch_span(b + ahead * srow, QR * srow);
+#ifndef PF_ROWS
+#define PF_ROWS 8  // rows ahead where a weight row is read for several rows of x
+#endif
+// `rows` weight rows from row `ahead`: values, and scales and biases (streams of their own). Inlined: as a call
+// in the tile loop it cost the one-row int4 / int8 heads 10-20% of their rate. Several rows of x (verification)
+// take a weight row at a time, each compute-bound on its own: without a prefetch PF_ROWS rows ahead the core
+// waited for memory and computed in turn (a 5-row call over the LM head took the sum of both times).
+static inline __attribute__((always_inline)) void prefetch_rows(const char *q, size_t row_bytes, const char *s,
+                                                                const char *b, size_t srow, size_t ahead, int rows,
+                                                                int to_l2) {
+    prefetch_span(q + ahead * row_bytes, rows * row_bytes, to_l2);
+    prefetch_span(s + ahead * srow, rows * srow, to_l2);
+    if (b) prefetch_span(b + ahead * srow, rows * srow, to_l2);
 }
 #ifdef GS_AVX2
 // values k..k+15 (k a multiple of 16) as int16: int4 values are nibbles of bytes (k & 15).. of their 32-value
@@ -427,13 +437,15 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
     if (M == 1 && GC) {  /* plain decoding: QR rows of W side by side */                                       \
         for (; row + QR <= n_end; row += QR) {                                                                  \
             if (row + (PF_TILES + 1) * QR <= n_end)                                                             \
-                prefetch_tile(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_TILES * QR));             \
+                prefetch_rows(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_TILES * QR), QR, 1);         \
             tile_rows(BITS, GC, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow,    \
                       srow, jb->b ? jb->b + (size_t)row * srow : NULL, jb->xq, jb->xsc, jb->xs, G, r);          \
             for (int i = 0; i < QR; i++) jb->y[row + i] = r[i];                                                 \
         }                                                                                                       \
     }                                                                                                           \
     for (; row < n_end; row++) {                                                                                \
+        if (M > 1 && row + PF_ROWS < n_end)                                                                     \
+            prefetch_rows(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_ROWS), 1, 0);                    \
         const char *qn = jb->q + (size_t)row * row_bytes, *sn = jb->s + (size_t)row * srow;                     \
         const char *bn = jb->b ? jb->b + (size_t)row * srow : NULL;                                             \
         for (int m0 = 0; m0 < M; m0 += QMT) {                                                                   \
@@ -770,7 +782,7 @@ static inline float hsum16(__m512 v) {
 
 // one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1). xq_stride,
 // xc_stride: from one block of x to the next
-static inline __attribute__((always_inline)) void tile8(const int BITS, const int SG, int f32, const char *q, const char *s,
+static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, const int SG, int f32, const char *q, const char *s,
         const char *b, size_t xq_stride, const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_stride,
         const float *xs, int G, const int mt, float *r) {
     const int XB = X8_BLOCK_BYTES(BITS);
@@ -795,8 +807,8 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, const in
     for (int m = 0; m < mt; m++) r[m] = hsum16(acc[m]) + bt[m];
 }
 
-// one row of x, QR weight rows side by side: tile8's operations for mt = 1, row by row in the same order
-static inline __attribute__((always_inline)) void tile8_rows(const int BITS, const int SG, int f32, const char *q,
+// one row of x, QR weight rows side by side: tile8_blocks' operations for mt = 1, row by row in the same order
+static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BITS, const int SG, int f32, const char *q,
         size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
         const int32_t *xcorr, const float *xs, int G, float *r) {
     __m512 acc[QR];
@@ -820,7 +832,7 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, con
         r[i] = hsum16(acc[i]) + bt;
     }
 }
-#else  // AVX2
+#endif  // GS_X8_512
 // one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1)
 static inline __attribute__((always_inline)) void tile8(const int BITS, const int SG, int f32, const char *q, const char *s,
         const char *b, size_t xq_row, const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_row,
@@ -908,7 +920,6 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, con
         r[i] = hsum(acc[i]) + bt;
     }
 }
-#endif  // GS_X8_512
 #else
 static void tile8(const int BITS, const int SG, int f32, const char *q, const char *s, const char *b, size_t xq_row,
                   const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_row, const float *xs, int G,
@@ -940,6 +951,16 @@ static void tile8_rows(const int BITS, const int SG, int f32, const char *q, siz
 }
 #endif
 
+// int8 weights take the AVX-512 blocks where the CPU has them; int4 keeps the AVX2 tiles: at K = 640 (Gemma 3
+// 270M) its 20 groups fill 1.25 blocks, and the blocks' work per weight byte (transpose, nibbles) made the int4
+// plain step 10.3-10.9 ms against 9.4-10.2 with the AVX2 tiles (and nothing faster at 5 rows of x).
+#ifdef GS_X8_512
+#define X8_BLOCKS(BITS) ((BITS) == 8)
+#define TILE8_CALL(FN, BITS, ...) (X8_BLOCKS(BITS) ? FN##_blocks(BITS, __VA_ARGS__) : FN(BITS, __VA_ARGS__))
+#else
+#define TILE8_CALL(FN, BITS, ...) FN(BITS, __VA_ARGS__)
+#endif
+
 struct job8 {
     int M, K, G;
     size_t xq_step, xc_step;      // from one row of x to the next: bytes of xq, values of xsc / xcorr
@@ -954,7 +975,7 @@ struct job8 {
     float *y;
 };
 
-#define TILE8(MTC) tile8(BITS, SG, f32, qn, sn, bn, jb->xq_stride, jb->xq + m0 * jb->xq_step, jb->xsc + m0 * jb->xc_step, \
+#define TILE8(MTC) TILE8_CALL(tile8, BITS, SG, f32, qn, sn, bn, jb->xq_stride, jb->xq + m0 * jb->xq_step, jb->xsc + m0 * jb->xc_step, \
                          jb->xcorr + m0 * jb->xc_step, jb->xc_stride, jb->xs ? jb->xs + (size_t)m0 * G : NULL, G, MTC, r)
 #if QMT == 8
 #define WIDE_TILES8 case 8: TILE8(8); break; case 7: TILE8(7); break; case 6: TILE8(6); break; case 5: TILE8(5); break;
@@ -971,13 +992,15 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
     if (M == 1) {                                                                                               \
         for (; row + QR <= n_end; row += QR) {                                                                  \
             if (row + (PF_TILES + 1) * QR <= n_end)                                                             \
-                prefetch_tile(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_TILES * QR));             \
-            tile8_rows(BITS, SG, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow, srow, \
+                prefetch_rows(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_TILES * QR), QR, 1);         \
+            TILE8_CALL(tile8_rows, BITS, SG, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow, srow, \
                        jb->b ? jb->b + (size_t)row * srow : NULL, jb->xq, jb->xsc, jb->xcorr, jb->xs, G, r);    \
             for (int i = 0; i < QR; i++) jb->y[row + i] = r[i];                                                 \
         }                                                                                                       \
     }                                                                                                           \
     for (; row < n_end; row++) {                                                                                \
+        if (M > 1 && row + PF_ROWS < n_end)                                                                     \
+            prefetch_rows(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_ROWS), 1, 0);                    \
         const char *qn = jb->q + (size_t)row * row_bytes, *sn = jb->s + (size_t)row * srow;                     \
         const char *bn = jb->b ? jb->b + (size_t)row * srow : NULL;                                             \
         for (size_t m0 = 0; m0 < (size_t)M; m0 += QMT) {                                                        \
@@ -1008,21 +1031,23 @@ RANGE8_FN(range_i8g32x8_f, 8, 1, 1)
 static void linear_x8(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
                       int g, int64_t N, float *y, int nthreads) {
     const int G = K / BYTE_GROUP(bits), with_sums = b || bits == 4;
+    size_t xq_step = (size_t)K, xc_step = (size_t)G, xq_stride = xq_step, xc_stride = xc_step;
+    size_t xq_row = xq_step, xc_row = xc_step;  // per row of x in all
 #ifdef GS_X8_512
-    const size_t xq_step = X8_BLOCK_BYTES(bits), xc_step = 16, xq_stride = M * xq_step, xc_stride = M * xc_step;
-    const size_t xq_row = x8_blocks(G) * xq_step, xc_row = x8_blocks(G) * xc_step;  // per row of x in all
-#else
-    const size_t xq_step = (size_t)K, xc_step = (size_t)G, xq_stride = xq_step, xc_stride = xc_step;
-    const size_t xq_row = xq_step, xc_row = xc_step;
+    if (X8_BLOCKS(bits)) {
+        xq_step = X8_BLOCK_BYTES(bits), xc_step = 16, xq_stride = M * xq_step, xc_stride = M * xc_step;
+        xq_row = x8_blocks(G) * xq_step, xc_row = x8_blocks(G) * xc_step;
+    }
 #endif
     int8_t *xq = (int8_t *)malloc((size_t)M * xq_row);
     float *xsc = (float *)malloc(sizeof(float) * M * (xc_row + G)), *xs = with_sums ? xsc + M * xc_row : NULL;
     int32_t *xcorr = (int32_t *)malloc(sizeof(int32_t) * M * xc_row);
 #ifdef GS_X8_512
-    quantize_rows_blocks(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
-#else
-    quantize_rows_i8(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
+    if (X8_BLOCKS(bits))
+        quantize_rows_blocks(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
+    else
 #endif
+        quantize_rows_i8(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
     const struct job8 jb = {M, K, G, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
                             (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y};
     static const row_range_fn fns[3][2] = {
