@@ -951,18 +951,25 @@ static void tile8_rows(const int BITS, const int SG, int f32, const char *q, siz
 }
 #endif
 
-// int8 weights take the AVX-512 blocks where the CPU has them; int4 keeps the AVX2 tiles: at K = 640 (Gemma 3
-// 270M) its 20 groups fill 1.25 blocks, and the blocks' work per weight byte (transpose, nibbles) made the int4
-// plain step 10.3-10.9 ms against 9.4-10.2 with the AVX2 tiles (and nothing faster at 5 rows of x).
+// Where the CPU has them, int8 weights take the AVX-512 blocks, and int4 ones when their groups fill whole blocks
+// (G % 16 == 0: Gemma 3 270M's o and down projections). At K = 640 int4's 20 groups fill 1.25 blocks, and the
+// blocks' work per weight byte (transpose, nibbles) made the all-int4 plain step 10.3-10.9 ms against 9.4-10.2
+// with the AVX2 tiles. A matrix takes one path for every M (its outputs stay bit for bit independent of M).
 #ifdef GS_X8_512
-#define X8_BLOCKS(BITS) ((BITS) == 8)
-#define TILE8_CALL(FN, BITS, ...) (X8_BLOCKS(BITS) ? FN##_blocks(BITS, __VA_ARGS__) : FN(BITS, __VA_ARGS__))
+static inline int x8_blocks_for(int bits, int G) {
+#ifdef GS_INT4_AVX2  // an A/B switch: int4 always in the AVX2 tiles
+    return bits == 8 || (G < 0);
+#else
+    return bits == 8 || G % 16 == 0;
+#endif
+}
+#define TILE8_CALL(FN, BITS, ...) (jb->blocks ? FN##_blocks(BITS, __VA_ARGS__) : FN(BITS, __VA_ARGS__))
 #else
 #define TILE8_CALL(FN, BITS, ...) FN(BITS, __VA_ARGS__)
 #endif
 
 struct job8 {
-    int M, K, G;
+    int M, K, G, blocks;  // blocks: the AVX-512 block tiles and x layout
     size_t xq_step, xc_step;      // from one row of x to the next: bytes of xq, values of xsc / xcorr
     size_t xq_stride, xc_stride;  // what tile8 takes: the same (AVX2), or from one block of x to the next (AVX-512)
     const int8_t *xq;
@@ -1033,8 +1040,10 @@ static void linear_x8(int bits, int f32, const float *x, int M, int K, const voi
     const int G = K / BYTE_GROUP(bits), with_sums = b || bits == 4;
     size_t xq_step = (size_t)K, xc_step = (size_t)G, xq_stride = xq_step, xc_stride = xc_step;
     size_t xq_row = xq_step, xc_row = xc_step;  // per row of x in all
+    int blocks = 0;
 #ifdef GS_X8_512
-    if (X8_BLOCKS(bits)) {
+    blocks = x8_blocks_for(bits, G);
+    if (blocks) {
         xq_step = X8_BLOCK_BYTES(bits), xc_step = 16, xq_stride = M * xq_step, xc_stride = M * xc_step;
         xq_row = x8_blocks(G) * xq_step, xc_row = x8_blocks(G) * xc_step;
     }
@@ -1043,12 +1052,12 @@ static void linear_x8(int bits, int f32, const float *x, int M, int K, const voi
     float *xsc = (float *)malloc(sizeof(float) * M * (xc_row + G)), *xs = with_sums ? xsc + M * xc_row : NULL;
     int32_t *xcorr = (int32_t *)malloc(sizeof(int32_t) * M * xc_row);
 #ifdef GS_X8_512
-    if (X8_BLOCKS(bits))
+    if (blocks)
         quantize_rows_blocks(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
     else
 #endif
         quantize_rows_i8(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
-    const struct job8 jb = {M, K, G, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
+    const struct job8 jb = {M, K, G, blocks, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
                             (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y};
     static const row_range_fn fns[3][2] = {
         {range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}, {range_i8g32x8_h, range_i8g32x8_f}};
