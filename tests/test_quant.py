@@ -142,6 +142,7 @@ def test_kernel_rows_do_not_depend_on_M(bits, K, group, f32_scales, dtype):
 @pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
 @pytest.mark.parametrize("bits, group, K", [(4, 32, 640), (4, 32, 672), (4, 32, 736),
                                             (4, 32, 1024), (4, 32, 1536),  # whole blocks of 16 groups (AVX-512)
+                                            (4, 32, 544), (4, 32, 608),  # blocks + a quad of 1 or 3 groups
                                             (8, 16, 640), (8, 16, 656),
                                             (8, 16, 688), (8, 16, 720),  # 8-group folds, leftover pairs, odd last
                                             (8, 32, 640), (8, 32, 672), (8, 32, 704)])  # a scale per two byte groups

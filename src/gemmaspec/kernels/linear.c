@@ -599,6 +599,10 @@ static __attribute__((unused)) void quantize_rows_i8(const int BITS, const float
 // 4v..4v+3 of the block's group l (int4: v < 4 the values of the low nibbles, 4v..4v+3; v >= 4 those of the high
 // ones, 16 + 4(v - 4)..); xc: the groups' scales xs_j, 16 per block; xnc: per group, minus the offset (int4 8,
 // int8 128) times the sum of its xq values; xs: the float sums of x per group, in order.
+// int4 rows whose last block would hold at most four groups (K = 640: 20 groups) end with a quad instead: those
+// groups' 64 bytes as they are, lanes 4l..4l+3 of the dot for group l (a quarter of a block's work)
+static inline int x8_quad_tail(int bits, int G) { return bits == 4 && G % 16 != 0 && G % 16 <= 4; }
+
 static void quantize_rows_blocks(const int BITS, const float *x, int M, int K, int with_sums, int8_t *xq, float *xc,
                                  int32_t *xnc, float *xs) {
     const int g = BYTE_GROUP(BITS), G = K / g, XB = BITS == 4 ? 512 : 256, off = BITS == 8 ? 128 : 8;
@@ -612,10 +616,21 @@ static void quantize_rows_blocks(const int BITS, const float *x, int M, int K, i
             float scale, sum;
             const int32_t isum = quantize_group_i8(x + (size_t)m * K + (size_t)j * g, g, q, &scale, &sum);
             const size_t block = (size_t)(j / 16) * M + m, l = j % 16;
-            for (int v = 0; v < g / 4; v++)  // values 4v..4v+3 (int4: v >= 4 are those of the high nibbles)
-                memcpy(xq + block * XB + 64 * v + 4 * l, q + 4 * v, 4);
-            xc[block * 16 + l] = scale;
-            xnc[block * 16 + l] = -off * isum;
+            if (x8_quad_tail(BITS, G) && j >= G / 16 * 16) {  // see tile8_blocks: lanes 4l..4l+3 are group l's
+                memcpy(xq + block * XB + 16 * l, q, 16);
+                memcpy(xq + block * XB + 64 + 16 * l, q + 16, 16);
+                for (int k = 0; k < 4; k++) {
+                    int32_t lane = 0;
+                    for (int c = 4 * k; c < 4 * k + 4; c++) lane += q[c] + q[16 + c];
+                    xc[block * 16 + 4 * l + k] = scale;
+                    xnc[block * 16 + 4 * l + k] = -off * lane;
+                }
+            } else {
+                for (int v = 0; v < g / 4; v++)  // values 4v..4v+3 (int4: v >= 4 are those of the high nibbles)
+                    memcpy(xq + block * XB + 64 * v + 4 * l, q + 4 * v, 4);
+                xc[block * 16 + l] = scale;
+                xnc[block * 16 + l] = -off * isum;
+            }
             if (with_sums) xs[(size_t)m * G + j] = sum;
         }
 }
@@ -776,6 +791,31 @@ static inline __attribute__((always_inline)) __m512 block_fma(const int BITS, co
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s16, _mm512_loadu_ps(xc)), acc);
 }
 
+// the tail quad (nb <= 4 int4 groups at q + 256 k, x as quantize_rows_blocks lays it out): acc += per-lane dots
+// (lanes 4l..4l+3: group l) * s * xs
+static inline __attribute__((always_inline)) __m512i quad_lo_hi(const char *q, int k, int nb, __m512i *hi) {
+    const __mmask64 m = nb >= 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * nb)) - 1;
+    const __m512i raw = _mm512_maskz_loadu_epi8(m, q + (size_t)k * 256);
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+    return _mm512_and_si512(raw, mask);
+}
+
+static inline __attribute__((always_inline)) __m512 quad_scales(int f32, const char *s, int k, int nb) {
+    const __mmask8 m = (__mmask8)((1u << nb) - 1);
+    const __m128 v = f32 ? _mm_maskz_loadu_ps(m, (const float *)s + 16 * k)
+                         : _mm_cvtph_ps(_mm_maskz_loadu_epi16(m, (const uint16_t *)s + 16 * k));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(v));
+}
+
+static inline __attribute__((always_inline)) __m512 quad_fma(__m512i lo, __m512i hi, __m512 s16, const int8_t *x,
+                                                             const float *xc, const int32_t *xnc, __m512 acc) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)xnc), lo, _mm512_loadu_si512((const void *)x));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512((const void *)(x + 64)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s16, _mm512_loadu_ps(xc)), acc);
+}
+
 static inline float hsum16(__m512 v) {
     return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
@@ -791,6 +831,15 @@ static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, c
     const int nblocks = (int)x8_blocks(G);
     for (int k = 0; k < nblocks; k++) {
         const int nb = G - 16 * k < 16 ? G - 16 * k : 16;
+        if (nb < 16 && x8_quad_tail(BITS, G)) {
+            __m512i hi;
+            const __m512i lo = quad_lo_hi(q, k, nb, &hi);
+            const __m512 s16 = quad_scales(f32, s, k, nb);
+            for (int m = 0; m < mt; m++)
+                acc[m] = quad_fma(lo, hi, s16, xq + k * xq_stride + m * XB, xsc + k * xc_stride + 16 * m,
+                                  xcorr + k * xc_stride + 16 * m, acc[m]);
+            continue;
+        }
         __m512i w[8];
         block_weights(BITS, q, k, nb, w);
         const __m512 s16 = block_scales(SG, f32, s, k, nb);
@@ -816,6 +865,15 @@ static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BI
     const int nblocks = (int)x8_blocks(G);
     for (int k = 0; k < nblocks; k++) {
         const int nb = G - 16 * k < 16 ? G - 16 * k : 16;
+        if (nb < 16 && x8_quad_tail(BITS, G)) {
+            for (int i = 0; i < QR; i++) {
+                __m512i hi;
+                const __m512i lo = quad_lo_hi(q + i * row_bytes, k, nb, &hi);
+                acc[i] = quad_fma(lo, hi, quad_scales(f32, s + i * srow, k, nb), xq + (size_t)k * X8_BLOCK_BYTES(BITS),
+                                  xsc + 16 * k, xcorr + 16 * k, acc[i]);
+            }
+            continue;
+        }
         for (int i = 0; i < QR; i++) {
             __m512i w[8];
             block_weights(BITS, q + i * row_bytes, k, nb, w);
@@ -952,15 +1010,18 @@ static void tile8_rows(const int BITS, const int SG, int f32, const char *q, siz
 #endif
 
 // Where the CPU has them, int8 weights take the AVX-512 blocks, and int4 ones when their groups fill whole blocks
-// (G % 16 == 0: Gemma 3 270M's o and down projections). At K = 640 int4's 20 groups fill 1.25 blocks, and the
-// blocks' work per weight byte (transpose, nibbles) made the all-int4 plain step 10.3-10.9 ms against 9.4-10.2
-// with the AVX2 tiles. A matrix takes one path for every M (its outputs stay bit for bit independent of M).
+// (G % 16 == 0: Gemma 3 270M's o and down projections) or end with at most four (a quad, x8_quad_tail: K = 640).
+// Other int4 shapes keep the AVX2 tiles: a nearly empty last block doubled the work at K = 640 (all-int4 plain
+// step 10.3-10.9 ms against 9.4-10.2 before the quad tail; with it the 5-token step is 19.0-19.4 ms against
+// 22.2-23.5 with the AVX2 tiles, the plain step level). A matrix takes one path for every M (its outputs stay bit
+// for bit independent of M). -DGS_INT4_AVX2 keeps int4 in the AVX2 tiles (an A/B switch).
 #ifdef GS_X8_512
 static inline int x8_blocks_for(int bits, int G) {
-#ifdef GS_INT4_AVX2  // an A/B switch: int4 always in the AVX2 tiles
-    return bits == 8 || (G < 0);
+#ifdef GS_INT4_AVX2
+    (void)G;
+    return bits == 8;
 #else
-    return bits == 8 || G % 16 == 0;
+    return bits == 8 || G % 16 == 0 || x8_quad_tail(bits, G);
 #endif
 }
 #define TILE8_CALL(FN, BITS, ...) (jb->blocks ? FN##_blocks(BITS, __VA_ARGS__) : FN(BITS, __VA_ARGS__))
