@@ -272,6 +272,17 @@ static inline __attribute__((always_inline)) void centred_bias_terms(int f32, co
     }
 }
 
+// The bias terms of the int8-activation tiles for mt rows of x: int4's centred group bias b_j + 8 s_j (the centring's
+// share), or int8's own biases when it has them.
+static inline __attribute__((always_inline)) void x8_bias_terms(const int BITS, int f32, const char *b, const char *s,
+                                                                const float *xs, int G, const int mt, float *bt) {
+    for (int m = 0; m < mt; m++) bt[m] = 0.0f;
+    if (BITS == 4)
+        centred_bias_terms(f32, b, s, 8.0f, xs, G, mt, bt);
+    else if (b)
+        bias_terms(f32, b, xs, G, mt, bt);
+}
+
 // Groups go four at a time: two horizontal adds fold their four 8-lane dots into one vector
 // [d0 d1 d2 d3 | d0' d1' d2' d3'] (each the sum of four lanes of one group's dot, exact in int32), converted and
 // scaled by [c0 c1 c2 c3 | c0 c1 c2 c3] (c_j = s_j * xs_j) in one FMA: per group and row of x, two multiply-adds
@@ -848,11 +859,8 @@ static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, c
         const int32_t *nk = xcorr + k * xc_stride;
         for (int m = 0; m < mt; m++) acc[m] = block_fma(BITS, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
     }
-    float bt[QMT] = {0.0f};
-    if (BITS == 4)
-        centred_bias_terms(f32, b, s, 8.0f, xs, G, mt, bt);  // b_j + 8 s_j: the centring's share
-    else if (b)
-        bias_terms(f32, b, xs, G, mt, bt);
+    float bt[QMT];
+    x8_bias_terms(BITS, f32, b, s, xs, G, mt, bt);
     for (int m = 0; m < mt; m++) r[m] = hsum16(acc[m]) + bt[m];
 }
 
@@ -882,11 +890,8 @@ static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BI
         }
     }
     for (int i = 0; i < QR; i++) {
-        float bt = 0.0f;
-        if (BITS == 4)
-            centred_bias_terms(f32, b ? b + i * srow : NULL, s + i * srow, 8.0f, xs, G, 1, &bt);
-        else if (b)
-            bias_terms(f32, b + i * srow, xs, G, 1, &bt);
+        float bt;
+        x8_bias_terms(BITS, f32, b ? b + i * srow : NULL, s + i * srow, xs, G, 1, &bt);
         r[i] = hsum16(acc[i]) + bt;
     }
 }
@@ -927,11 +932,8 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, const in
         for (int m = 0; m < mt; m++)
             acc[m] = odd_group(BITS, q + (size_t)j * 16, xq + m * xq_row + (size_t)j * GX,
                                xcorr[m * xc_row + j], SC(s, j >> SG) * xsc[m * xc_row + j], acc[m]);
-    float bt[QMT] = {0.0f};
-    if (BITS == 4)
-        centred_bias_terms(f32, b, s, 8.0f, xs, G, mt, bt);  // b_j + 8 s_j: the centring's share
-    else if (b)
-        bias_terms(f32, b, xs, G, mt, bt);
+    float bt[QMT];
+    x8_bias_terms(BITS, f32, b, s, xs, G, mt, bt);
     for (int m = 0; m < mt; m++) r[m] = hsum(acc[m]) + bt[m];
 }
 
@@ -970,11 +972,8 @@ static inline __attribute__((always_inline)) void tile8_rows(const int BITS, con
             acc[i] = odd_group(BITS, q + i * row_bytes + (size_t)j * 16, xq + (size_t)j * GX, xcorr[j],
                                SC(s + i * srow, j >> SG) * xsc[j], acc[i]);
     for (int i = 0; i < QR; i++) {
-        float bt = 0.0f;
-        if (BITS == 4)
-            centred_bias_terms(f32, b ? b + i * srow : NULL, s + i * srow, 8.0f, xs, G, 1, &bt);
-        else if (b)
-            bias_terms(f32, b + i * srow, xs, G, 1, &bt);
+        float bt;
+        x8_bias_terms(BITS, f32, b ? b + i * srow : NULL, s + i * srow, xs, G, 1, &bt);
         r[i] = hsum(acc[i]) + bt;
     }
 }
