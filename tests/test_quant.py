@@ -179,6 +179,21 @@ def test_non_finite_activations_give_nan_rows(bits, group, x8, bad):
     assert torch.equal(y[[0, 2]], clean[[0, 2]])
 
 
+@pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
+@pytest.mark.parametrize("bits, group, x8", [(8, 32, False), (4, 32, False), (4, 32, True), (8, 16, True),
+                                             (8, 32, True)])
+def test_tiny_activations_give_tiny_outputs(bits, group, x8):
+    """Activations so small that 127 / max|x| overflows a float (below ~4e-37) give finite outputs near zero (the
+    kernel quantizes such groups to zeros rather than convert infinity to an integer); other rows are untouched."""
+    qw = quantize(_weight(N=67, K=128), bits, group=group)
+    x = torch.randn(3, 128)
+    clean = KERNEL.linear(qw, x, x8=x8)
+    x[1] *= 1e-37  # max|x| ~3e-37: 127 / max|x| is infinite in float32
+    y = KERNEL.linear(qw, x, x8=x8)
+    assert y[1].isfinite().all() and y[1].abs().max() < 1e-30
+    assert torch.equal(y[[0, 2]], clean[[0, 2]])
+
+
 def test_embedding_lookup_dequantizes_rows():
     for bits in (8, 4):
         qw = quantize(_weight(), bits)

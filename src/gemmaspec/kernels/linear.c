@@ -400,6 +400,10 @@ static void tile_rows(const int BITS, const int G, int f32, const char *q, size_
 }
 #endif
 
+// Groups whose largest |x| is below this quantize to zeros: 127 / max|x| (or 32767 / ...) would overflow to
+// infinity below ~4e-37 (an undefined conversion to int), and such values are far below any weight's resolution.
+#define TINY_GROUP 0x1p-100f
+
 // xq, xsc: the rows of x quantized per group of g (see above); xs: the float sums of x per group (bias term)
 static void quantize_rows(const float *x, int M, int K, int g, int with_sums, int16_t *xq, float *xsc, float *xs) {
     for (int i = 0; i < M * (K / g); i++) {
@@ -411,7 +415,7 @@ static void quantize_rows(const float *x, int M, int K, int g, int with_sums, in
             sum += xi[c];
         }
         const int finite = isfinite(mx) && !isnan(sum);  // else the row's outputs are NaN, as in PyTorch
-        const float inv = finite && mx > 0.0f ? 32767.0f / mx : 0.0f;
+        const float inv = finite && mx > TINY_GROUP ? 32767.0f / mx : 0.0f;
         xsc[i] = finite ? mx / 32767.0f : NAN;
         for (int c = 0; c < g; c++) xq[(size_t)i * g + c] = (int16_t)(finite ? (int)rintf(xi[c] * inv) : 0);
         if (with_sums) xs[i] = sum;
@@ -552,7 +556,7 @@ static inline __attribute__((always_inline)) int32_t quantize_group_i8(const flo
     }
 #endif
     const int finite = isfinite(mx) && !isnan(total);  // a NaN shows in the sum, an infinity in the maximum
-    const float inv = finite && mx > 0.0f ? 127.0f / mx : 0.0f;
+    const float inv = finite && mx > TINY_GROUP ? 127.0f / mx : 0.0f;
     int32_t isum = 0;
 #ifdef GS_AVX2
     __m256i iv = _mm256_setzero_si256();
@@ -736,7 +740,8 @@ static inline __attribute__((always_inline)) __m256 odd_group(const int BITS, co
 // vpdpbusd (int4: eight, the nibbles split after the transpose) leave in lane l the whole dot of group l with x (laid
 // out to match, quantize_rows_blocks), started from the group's offset correction: exact and centred. Per block and
 // row of x then one convert, a multiply by the 16 scales s_j xs_j and one FMA into a 16-lane float accumulator.
-// A last partial block is read under a mask (zero bytes and scales). Fixed order per (weight row, row of x)
+// A last partial block is read under a mask (zero bytes and scales); int4's last <= 4 groups go as a quad instead
+// (x8_quad_tail). Fixed order per (weight row, row of x)
 // whatever M is: blocks in order, then a 16-lane sum, then the bias term (as the AVX2 path).
 #define X8_BLOCK_BYTES(BITS) ((BITS) == 4 ? 512 : 256)  // bytes of x per block of 16 groups
 
@@ -802,8 +807,8 @@ static inline __attribute__((always_inline)) __m512 block_fma(const int BITS, co
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s16, _mm512_loadu_ps(xc)), acc);
 }
 
-// the tail quad (nb <= 4 int4 groups at q + 256 k, x as quantize_rows_blocks lays it out): acc += per-lane dots
-// (lanes 4l..4l+3: group l) * s * xs
+// The tail quad (nb <= 4 int4 groups at q + 256 k, x as quantize_rows_blocks lays it out): its nibbles, its
+// scales per lane, and acc += per-lane dots (lanes 4l..4l+3: group l) * s * xs
 static inline __attribute__((always_inline)) __m512i quad_lo_hi(const char *q, int k, int nb, __m512i *hi) {
     const __mmask64 m = nb >= 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * nb)) - 1;
     const __m512i raw = _mm512_maskz_loadu_epi8(m, q + (size_t)k * 256);
