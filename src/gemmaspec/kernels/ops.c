@@ -112,6 +112,29 @@ void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const
 #endif
 
 #ifdef GS_AVX2
+// head_values' columns from i on, 8 then 1 at a time (shared by the AVX-512 and AVX2 versions)
+static inline __attribute__((always_inline)) void head_values_tail(const int KB, const int NH, const float *const *p,
+        const void *V, int64_t vs, int S, int vd, const uint8_t *mask, float *const *out, int i) {
+    const size_t eb = KB / 8;
+    for (; i + 8 <= vd; i += 8) {
+        __m256 acc[MAX_HEADS];
+        for (int h = 0; h < NH; h++) acc[h] = _mm256_setzero_ps();
+        for (int s = 0; s < S; s++) {
+            if (mask && !mask[s]) continue;
+            const __m256 v0 = f32x8_at(KB, (const char *)V + (size_t)s * vs * eb, i);
+            for (int h = 0; h < NH; h++) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[h] + s), v0, acc[h]);
+        }
+        for (int h = 0; h < NH; h++) _mm256_storeu_ps(out[h] + i, acc[h]);
+    }
+    for (; i < vd; i++)
+        for (int h = 0; h < NH; h++) {
+            float acc = 0.0f;
+            for (int s = 0; s < S; s++)
+                if (!mask || mask[s]) acc = fmaf(p[h][s], f32_at(KB, (const char *)V + (size_t)s * vs * eb, i), acc);
+            out[h][i] = acc;
+        }
+}
+
 #if defined(__AVX512F__) && !defined(GS_NO_ATTN_512)
 // AVX-512: 16 lanes per FMA, two accumulators per head (a step of 32 dimensions or columns), which halves the
 // FMAs of the AVX2 version. Per head and slot the order is fixed whatever T, NH or the thread count is.
@@ -178,23 +201,7 @@ static inline __attribute__((always_inline)) void head_values(const int KB, cons
             _mm512_storeu_ps(out[h] + i + 16, acc1[h]);
         }
     }
-    for (; i + 8 <= vd; i += 8) {
-        __m256 acc[MAX_HEADS];
-        for (int h = 0; h < NH; h++) acc[h] = _mm256_setzero_ps();
-        for (int s = 0; s < S; s++) {
-            if (mask && !mask[s]) continue;
-            const __m256 v0 = f32x8_at(KB, (const char *)V + (size_t)s * vs * eb, i);
-            for (int h = 0; h < NH; h++) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[h] + s), v0, acc[h]);
-        }
-        for (int h = 0; h < NH; h++) _mm256_storeu_ps(out[h] + i, acc[h]);
-    }
-    for (; i < vd; i++)
-        for (int h = 0; h < NH; h++) {
-            float acc = 0.0f;
-            for (int s = 0; s < S; s++)
-                if (!mask || mask[s]) acc = fmaf(p[h][s], f32_at(KB, (const char *)V + (size_t)s * vs * eb, i), acc);
-            out[h][i] = acc;
-        }
+    head_values_tail(KB, NH, p, V, vs, S, vd, mask, out, i);
 }
 #else
 // scores[h][s] = scale * q_h . K[s] for NH heads at once: dot_eb's order for each head
@@ -248,23 +255,7 @@ static inline __attribute__((always_inline)) void head_values(const int KB, cons
             _mm256_storeu_ps(out[h] + i + 8, acc1[h]);
         }
     }
-    for (; i + 8 <= vd; i += 8) {
-        __m256 acc[MAX_HEADS];
-        for (int h = 0; h < NH; h++) acc[h] = _mm256_setzero_ps();
-        for (int s = 0; s < S; s++) {
-            if (mask && !mask[s]) continue;
-            const __m256 v0 = f32x8_at(KB, (const char *)V + (size_t)s * vs * eb, i);
-            for (int h = 0; h < NH; h++) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[h] + s), v0, acc[h]);
-        }
-        for (int h = 0; h < NH; h++) _mm256_storeu_ps(out[h] + i, acc[h]);
-    }
-    for (; i < vd; i++)
-        for (int h = 0; h < NH; h++) {
-            float acc = 0.0f;
-            for (int s = 0; s < S; s++)
-                if (!mask || mask[s]) acc = fmaf(p[h][s], f32_at(KB, (const char *)V + (size_t)s * vs * eb, i), acc);
-            out[h][i] = acc;
-        }
+    head_values_tail(KB, NH, p, V, vs, S, vd, mask, out, i);
 }
 
 #endif  // AVX-512
