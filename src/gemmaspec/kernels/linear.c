@@ -618,10 +618,14 @@ static __attribute__((unused)) void quantize_rows_i8(const int BITS, const float
 // groups' 64 bytes as they are, lanes 4l..4l+3 of the dot for group l (a quarter of a block's work)
 static inline int x8_quad_tail(int bits, int G) { return bits == 4 && G % 16 != 0 && G % 16 <= 4; }
 
+#define X8_BLOCK_BYTES(BITS) ((BITS) == 4 ? 512 : 256)  // bytes of x per block of 16 groups
+
+static inline size_t x8_blocks(int G) { return (size_t)(G + 15) / 16; }
+
 static void quantize_rows_blocks(const int BITS, const float *x, int M, int K, int with_sums, int8_t *xq, float *xc,
                                  int32_t *xnc, float *xs) {
-    const int g = BYTE_GROUP(BITS), G = K / g, XB = BITS == 4 ? 512 : 256, off = BITS == 8 ? 128 : 8;
-    const size_t nblocks = (size_t)(G + 15) / 16;  // x8_blocks()
+    const int g = BYTE_GROUP(BITS), G = K / g, XB = X8_BLOCK_BYTES(BITS), off = BITS == 8 ? 128 : 8;
+    const size_t nblocks = x8_blocks(G);
     memset(xq, 0, (size_t)M * nblocks * XB);
     memset(xc, 0, sizeof(float) * M * nblocks * 16);
     memset(xnc, 0, sizeof(int32_t) * M * nblocks * 16);
@@ -743,10 +747,6 @@ static inline __attribute__((always_inline)) __m256 odd_group(const int BITS, co
 // A last partial block is read under a mask (zero bytes and scales); int4's last <= 4 groups go as a quad instead
 // (x8_quad_tail). Fixed order per (weight row, row of x)
 // whatever M is: blocks in order, then a 16-lane sum, then the bias term (as the AVX2 path).
-#define X8_BLOCK_BYTES(BITS) ((BITS) == 4 ? 512 : 256)  // bytes of x per block of 16 groups
-
-static inline size_t x8_blocks(int G) { return (size_t)(G + 15) / 16; }
-
 // the 16 scales of block k (nb groups): s_j (SG = 0) or s_(j/2) (SG = 1)
 static inline __attribute__((always_inline)) __m512 block_scales(const int SG, int f32, const char *s, int k, int nb) {
     if (SG) {
@@ -798,23 +798,24 @@ static inline __attribute__((always_inline)) void block_weights(const int BITS, 
     }
 }
 
-// acc += (the 16 centred group dots of a block for one row of x: its values x, scales xc, corrections xnc) * s * xs
-static inline __attribute__((always_inline)) __m512 block_fma(const int BITS, const __m512i *w, __m512 s16,
+// acc += (the 16 centred dots of a block for one row of x: its values x, scales xc, corrections xnc) * s * xs, over
+// nv weight vectors w (a block: 4 for int8, 8 for int4; int4's tail quad: 2, its low and high nibbles)
+static inline __attribute__((always_inline)) __m512 block_fma(const int nv, const __m512i *w, __m512 s16,
         const int8_t *x, const float *xc, const int32_t *xnc, __m512 acc) {
     __m512i d = _mm512_loadu_si512((const void *)xnc);
-    for (int v = 0; v < (BITS == 4 ? 8 : 4); v++)
+    for (int v = 0; v < nv; v++)
         d = _mm512_dpbusd_epi32(d, w[v], _mm512_loadu_si512((const void *)(x + 64 * v)));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s16, _mm512_loadu_ps(xc)), acc);
 }
 
-// The tail quad (nb <= 4 int4 groups at q + 256 k, x as quantize_rows_blocks lays it out): its nibbles, its
-// scales per lane, and acc += per-lane dots (lanes 4l..4l+3: group l) * s * xs
-static inline __attribute__((always_inline)) __m512i quad_lo_hi(const char *q, int k, int nb, __m512i *hi) {
+// The tail quad (nb <= 4 int4 groups at q + 256 k, x as quantize_rows_blocks lays it out, lanes 4l..4l+3 for
+// group l): its low and high nibbles in w[0], w[1] for block_fma, and its scales per lane
+static inline __attribute__((always_inline)) void quad_weights(const char *q, int k, int nb, __m512i *w) {
     const __mmask64 m = nb >= 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * nb)) - 1;
     const __m512i raw = _mm512_maskz_loadu_epi8(m, q + (size_t)k * 256);
     const __m512i mask = _mm512_set1_epi8(0x0f);
-    *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
-    return _mm512_and_si512(raw, mask);
+    w[0] = _mm512_and_si512(raw, mask);
+    w[1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
 }
 
 static inline __attribute__((always_inline)) __m512 quad_scales(int f32, const char *s, int k, int nb) {
@@ -823,13 +824,6 @@ static inline __attribute__((always_inline)) __m512 quad_scales(int f32, const c
                          : _mm_cvtph_ps(_mm_maskz_loadu_epi16(m, (const uint16_t *)s + 16 * k));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                                  _mm512_castps128_ps512(v));
-}
-
-static inline __attribute__((always_inline)) __m512 quad_fma(__m512i lo, __m512i hi, __m512 s16, const int8_t *x,
-                                                             const float *xc, const int32_t *xnc, __m512 acc) {
-    __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)xnc), lo, _mm512_loadu_si512((const void *)x));
-    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512((const void *)(x + 64)));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s16, _mm512_loadu_ps(xc)), acc);
 }
 
 static inline float hsum16(__m512 v) {
@@ -847,22 +841,20 @@ static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, c
     const int nblocks = (int)x8_blocks(G);
     for (int k = 0; k < nblocks; k++) {
         const int nb = G - 16 * k < 16 ? G - 16 * k : 16;
-        if (nb < 16 && x8_quad_tail(BITS, G)) {
-            __m512i hi;
-            const __m512i lo = quad_lo_hi(q, k, nb, &hi);
-            const __m512 s16 = quad_scales(f32, s, k, nb);
-            for (int m = 0; m < mt; m++)
-                acc[m] = quad_fma(lo, hi, s16, xq + k * xq_stride + m * XB, xsc + k * xc_stride + 16 * m,
-                                  xcorr + k * xc_stride + 16 * m, acc[m]);
-            continue;
-        }
-        __m512i w[8];
-        block_weights(BITS, q, k, nb, w);
-        const __m512 s16 = block_scales(SG, f32, s, k, nb);
         const int8_t *xk = xq + k * xq_stride;
         const float *ck = xsc + k * xc_stride;
         const int32_t *nk = xcorr + k * xc_stride;
-        for (int m = 0; m < mt; m++) acc[m] = block_fma(BITS, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
+        __m512i w[8];
+        if (nb < 16 && x8_quad_tail(BITS, G)) {
+            quad_weights(q, k, nb, w);
+            const __m512 s16 = quad_scales(f32, s, k, nb);
+            for (int m = 0; m < mt; m++) acc[m] = block_fma(2, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
+            continue;
+        }
+        block_weights(BITS, q, k, nb, w);
+        const __m512 s16 = block_scales(SG, f32, s, k, nb);
+        for (int m = 0; m < mt; m++)
+            acc[m] = block_fma(BITS == 4 ? 8 : 4, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
     }
     float bt[QMT];
     x8_bias_terms(BITS, f32, b, s, xs, G, mt, bt);
@@ -878,20 +870,20 @@ static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BI
     const int nblocks = (int)x8_blocks(G);
     for (int k = 0; k < nblocks; k++) {
         const int nb = G - 16 * k < 16 ? G - 16 * k : 16;
+        const int8_t *xk = xq + (size_t)k * X8_BLOCK_BYTES(BITS);
         if (nb < 16 && x8_quad_tail(BITS, G)) {
             for (int i = 0; i < QR; i++) {
-                __m512i hi;
-                const __m512i lo = quad_lo_hi(q + i * row_bytes, k, nb, &hi);
-                acc[i] = quad_fma(lo, hi, quad_scales(f32, s + i * srow, k, nb), xq + (size_t)k * X8_BLOCK_BYTES(BITS),
-                                  xsc + 16 * k, xcorr + 16 * k, acc[i]);
+                __m512i w[2];
+                quad_weights(q + i * row_bytes, k, nb, w);
+                acc[i] = block_fma(2, w, quad_scales(f32, s + i * srow, k, nb), xk, xsc + 16 * k, xcorr + 16 * k, acc[i]);
             }
             continue;
         }
         for (int i = 0; i < QR; i++) {
             __m512i w[8];
             block_weights(BITS, q + i * row_bytes, k, nb, w);
-            acc[i] = block_fma(BITS, w, block_scales(SG, f32, s + i * srow, k, nb), xq + (size_t)k * X8_BLOCK_BYTES(BITS),
-                               xsc + 16 * k, xcorr + 16 * k, acc[i]);
+            acc[i] = block_fma(BITS == 4 ? 8 : 4, w, block_scales(SG, f32, s + i * srow, k, nb), xk, xsc + 16 * k,
+                               xcorr + 16 * k, acc[i]);
         }
     }
     for (int i = 0; i < QR; i++) {
