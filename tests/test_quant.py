@@ -163,6 +163,56 @@ def test_int8_activation_path_equals_its_reference(bits, group, K, f32_scales):
         assert torch.equal(KERNEL.linear(qw, x[m:m + 1].contiguous(), x8=True), full[m:m + 1])
 
 
+BLOCK_TILES = KERNEL is not None and KERNEL.blocked_layout(quantize(_weight(N=4, K=512), 4, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not BLOCK_TILES, reason="no AVX-512 block tiles in this CPU's kernel build")
+@pytest.mark.parametrize("bits, group, K", [(4, 32, 640), (4, 32, 1024), (4, 32, 2048), (4, 32, 544),
+                                            (8, 16, 640), (8, 16, 1024), (8, 16, 688), (8, 32, 640)])
+@pytest.mark.parametrize("f32_scales", [False, True])
+def test_block_layout_changes_no_output(bits, group, K, f32_scales):
+    """A bfloat16 model's weights held in the AVX-512 kernel's block layout (full blocks of 16 byte groups
+    transposed ahead of time) give every reader the same values bit for bit: the matmul at any M, dequantize,
+    embedding rows, q in the row layout; float32 x (which those tiles do not take) gets its dequantized product;
+    and the conversion undoes exactly."""
+    qw = quantize(_weight(N=37, K=K), bits, group=group, dtype=torch.bfloat16)
+    if f32_scales:
+        qw = QuantizedWeight(bits, qw.q, qw.scales.float(), None if qw.bias is None else qw.bias.float(), group, K,
+                             torch.bfloat16)
+    row_q = qw.q.clone()
+    x = torch.randn(9, K).bfloat16().float()  # a bfloat16 model's activations
+    ids = torch.tensor([36, 0, 5, 5])
+    want = {M: KERNEL.linear(qw, x[:M], x8=True) for M in (1, 2, 5, 9)}
+    want_deq, want_rows = qw.dequantize(), qw[ids]
+    assert qw.use_block_layout() and qw.blocked
+    full_blocks = (K // (2 if bits == 4 else 1)) // 256
+    assert torch.equal(qw.q[:, full_blocks * 256:], row_q[:, full_blocks * 256:])  # partial blocks, quads: as they were
+    assert not torch.equal(qw.q, row_q)
+    for M, y in want.items():
+        assert torch.equal(KERNEL.linear(qw, x[:M], x8=True), y)
+        assert torch.equal(qw.linear(x[:M].bfloat16()).float(), y.bfloat16().float())
+    assert torch.equal(qw.row_layout_q(), row_q) and torch.equal(qw.dequantize(), want_deq)
+    assert torch.equal(qw[ids], want_rows)
+    exact = x.double() @ qw.dequantize(dtype=torch.float32).double().t()
+    for y in (qw.linear(x), KERNEL.linear(qw, x)):  # float32 x: through dequantized rows (GEMM; the C fallback)
+        assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    sub = QuantizedWeight(bits, qw.q[ids], qw.scales[ids], None if qw.bias is None else qw.bias[ids], group, K,
+                          torch.bfloat16, blocked=True)  # gathered rows keep the layout (the assistant's head)
+    assert torch.equal(sub.linear(x[:3].bfloat16()), want[9][:3, ids].bfloat16())
+    KERNEL.to_blocks(qw, inverse=True)
+    assert torch.equal(qw.q, row_q)
+
+
+def test_block_layout_only_where_its_kernel_reads_it():
+    """float32 models keep the row layout (their int16-activation kernel reads rows); so do weights the block tiles
+    do not take (int4 with 5-15 groups in its last block, int8 in groups of 32 with biases)."""
+    assert not quantize(_weight(N=4, K=1024), 4, dtype=torch.float32).use_block_layout()
+    assert not quantize(_weight(N=4, K=736), 4, dtype=torch.bfloat16).use_block_layout()  # 23 groups: 16 + 7
+    w = quantize(_weight(N=4, K=512), 8, dtype=torch.bfloat16)
+    with_bias = QuantizedWeight(8, w.q, w.scales, torch.zeros_like(w.scales), 32, 512, torch.bfloat16)
+    assert not with_bias.use_block_layout()
+
+
 @pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
 @pytest.mark.parametrize("bits, group, x8", [(8, 32, False), (4, 32, False), (4, 32, True), (8, 16, True),
                                              (8, 32, True)])

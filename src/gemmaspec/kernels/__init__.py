@@ -56,7 +56,8 @@ _state: dict = {}
 
 class WeightArgs(ctypes.Structure):
     """A weight as the matmul kernels take it (struct gs_weight of block.c)."""
-    _fields_ = [("kind", ctypes.c_int), ("f32", ctypes.c_int), ("q", ctypes.c_void_p), ("s", ctypes.c_void_p),
+    _fields_ = [("kind", ctypes.c_int), ("f32", ctypes.c_int), ("blocked", ctypes.c_int), ("q", ctypes.c_void_p),
+                ("s", ctypes.c_void_p),
                 ("b", ctypes.c_void_p), ("group", ctypes.c_int), ("N", ctypes.c_int64)]
 
 
@@ -87,10 +88,14 @@ class Kernels:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.gsq_linear.argtypes = [I, I, I, P, I, I, P, P, P, I, I64, P, I]
+        lib.gsq_linear.argtypes = [I, I, I, I, P, I, I, P, P, P, I, I64, P, I]
         lib.gsq_linear.restype = None
-        lib.gsq_dequant.argtypes = [I, I, P, P, P, I, I, P, I64, I64, P, I]
+        lib.gsq_dequant.argtypes = [I, I, I, P, P, P, I, I, P, I64, I64, P, I]
         lib.gsq_dequant.restype = None
+        lib.gsq_blocked.argtypes = [I, I, I, I]
+        lib.gsq_blocked.restype = I
+        lib.gsq_to_blocks.argtypes = [I, P, I64, I, I, I]
+        lib.gsq_to_blocks.restype = None
         lib.gsq_simd.restype = I
         lib.gsq_max_group.restype = I
         F = ctypes.c_float
@@ -118,9 +123,9 @@ class Kernels:
         `max_group`). x is quantized to int16 per row and group inside (linear.c); with x8 (a bfloat16 model), to
         int8 against int4 in groups of 32 and int8 in groups of 16, or of 32 without biases."""
         M, K = x.shape
-        bits, f32, q, scales, bias, group, N = w.kernel_args()
+        bits, f32, blocked, q, scales, bias, group, N = w.kernel_args()
         y = torch.empty(M, N, dtype=torch.float32)
-        self.lib.gsq_linear(bits, f32, int(x8), x.data_ptr(), M, K, q, scales, bias, group, N, y.data_ptr(),
+        self.lib.gsq_linear(bits, f32, blocked, int(x8), x.data_ptr(), M, K, q, scales, bias, group, N, y.data_ptr(),
                             torch.get_num_threads())
         return y
 
@@ -182,15 +187,15 @@ class Kernels:
         """The kernel's view of a Linear's weight (float32, bfloat16, int8 / int4 on the CPU), or None."""
         w = linear.qweight if linear.qweight is not None else linear.weight
         if hasattr(w, "kernel_args"):  # quant.formats.QuantizedWeight
-            bits, f32, q, scales, bias, group, N = w.kernel_args()
+            bits, f32, blocked, q, scales, bias, group, N = w.kernel_args()
             if not w.q.is_cpu or group > self.max_group:
                 return None
-            return WeightArgs(bits, f32, q, scales, bias, group, N)
+            return WeightArgs(bits, f32, blocked, q, scales, bias, group, N)
         t = getattr(w, "w", w)  # quant.bf16.BF16Weight holds its bfloat16 tensor as .w; else a plain tensor
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.bfloat16) or not t.is_cpu \
                 or t.dim() != 2 or not t.is_contiguous():
             return None
-        return WeightArgs(0 if t.dtype == torch.float32 else 1, 0, t.data_ptr(), None, None, 0, t.shape[0])
+        return WeightArgs(0 if t.dtype == torch.float32 else 1, 0, 0, t.data_ptr(), None, None, 0, t.shape[0])
 
     def gemma3_block(self, args: Gemma3BlockArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, S: int,
@@ -229,9 +234,20 @@ class Kernels:
             count = rows.numel()
         if out is None:
             out = torch.empty(count, w.in_features, dtype=torch.float32)
-        self.lib.gsq_dequant(w.bits, _f32(w), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias), w.in_features, w.group,
+        self.lib.gsq_dequant(w.bits, _f32(w), int(w.blocked), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias), w.in_features, w.group,
                              _ptr(rows), start, count, out.data_ptr(), torch.get_num_threads())
         return out
+
+
+    def blocked_layout(self, w) -> bool:
+        """Whether the AVX-512 int8-activation tiles read `w` (a QuantizedWeight) for bfloat16 x, so that its rows
+        can be held in their block layout (linear.c)."""
+        return bool(self.lib.gsq_blocked(w.bits, w.in_features, w.group, int(w.bias is not None)))
+
+    def to_blocks(self, w, inverse: bool = False) -> None:
+        """w.q (contiguous, on the CPU) from the row layout into the block layout in place, or back."""
+        self.lib.gsq_to_blocks(w.bits, w.q.data_ptr(), w.out_features, w.in_features, int(inverse),
+                               torch.get_num_threads())
 
 
 def _f32(w) -> int:

@@ -15,7 +15,7 @@
 #include "common.h"
 
 // the kernels of linear.c and ops.c
-void gsq_linear(int bits, int f32, int x8, const float *x, int M, int K, const void *q, const void *s,
+void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, int K, const void *q, const void *s,
                 const void *b, int g, int64_t N, float *y, int nthreads);
 void gsq_linear_f32(const float *x, int M, int K, const float *w, int64_t N, float *y, int nthreads);
 void gsq_linear_bf16(const float *x, int M, int K, const uint16_t *w, int64_t N, float *y, int nthreads);
@@ -32,6 +32,7 @@ void gso_gelu_mul(const float *gu, int T, int I, float *out);
 struct gs_weight {
     int kind;  // 0 float32, 1 bfloat16, 4 int4, 8 int8
     int f32;   // float32 scales (int4 / int8)
+    int blocked;  // int4 / int8 rows in the block layout (linear.c)
     const void *q, *s, *b;
     int group;
     int64_t N;
@@ -70,7 +71,7 @@ static void matmul(const struct gs_weight *w, const float *x, int M, int K, floa
     else if (w->kind == 1)
         gsq_linear_bf16(x, M, K, (const uint16_t *)w->q, w->N, y, nthreads);
     else
-        gsq_linear(w->kind, w->f32, bf16, x, M, K, w->q, w->s, w->b, w->group, w->N, y, nthreads);
+        gsq_linear(w->kind, w->f32, w->blocked, bf16, x, M, K, w->q, w->s, w->b, w->group, w->N, y, nthreads);
 }
 
 // x_out[T, hidden] = the block applied to x_in. The new tokens' K/V go to cache slots slots[t] of kbuf/vbuf

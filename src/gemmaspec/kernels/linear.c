@@ -89,14 +89,46 @@ static void deq_row_i4(const uint8_t *q, const void *s, const void *b, int f32, 
     }
 }
 
-static inline void deq_row(int bits, int f32, const void *q, const void *s, const void *b, int K, int g,
-                           int64_t n, float *out) {
+// ---- the block layout ------------------------------------------------------------------------------------
+// Where the AVX-512 tiles read a matrix (gsq_blocked below), its rows may be stored with every full block of 16
+// byte groups (256 bytes) already transposed the way those tiles use it: byte 64v + 4l + c holds byte 16l + 4v + c
+// of the layout above (dword v of group l in lane l of vector v). The tiles then skip the eight two-source
+// permutes per block and weight row that transposing in registers cost (on Zen 4 a third of an int4 block's
+// work at one row of x). Partial blocks and int4's tail quad stay as they are. gsq_to_blocks converts in place.
+static inline size_t row_bytes_of(int bits, int K) { return bits == 8 ? (size_t)K : (size_t)K / 2; }
+
+static void block_transpose(const uint8_t *in, uint8_t *out, int inverse) {
+    for (int l = 0; l < 16; l++)
+        for (int v = 0; v < 4; v++) {
+            if (inverse)
+                memcpy(out + 16 * l + 4 * v, in + 64 * v + 4 * l, 4);
+            else
+                memcpy(out + 64 * v + 4 * l, in + 16 * l + 4 * v, 4);
+        }
+}
+
+// a row held in the block layout, in the row layout (out: row_bytes)
+static void unblock_row(const uint8_t *q, size_t row_bytes, uint8_t *out) {
+    const size_t full = row_bytes / 256;
+    for (size_t k = 0; k < full; k++) block_transpose(q + 256 * k, out + 256 * k, 1);
+    memcpy(out + 256 * full, q + 256 * full, row_bytes - 256 * full);
+}
+
+static inline void deq_row(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K,
+                           int g, int64_t n, float *out) {
     const size_t row = (size_t)(K / g) * (f32 ? 4 : 2);  // bytes of scales per row
     const char *sn = (const char *)s + n * row, *bn = b ? (const char *)b + n * row : NULL;
+    const size_t rb = row_bytes_of(bits, K);
+    const uint8_t *qn = (const uint8_t *)q + (size_t)n * rb;
+    uint8_t plain[blocked ? rb : 1];
+    if (blocked) {
+        unblock_row(qn, rb, plain);
+        qn = plain;
+    }
     if (bits == 8)
-        deq_row_i8((const int8_t *)q + (size_t)n * K, sn, bn, f32, K, g, out);
+        deq_row_i8((const int8_t *)qn, sn, bn, f32, K, g, out);
     else
-        deq_row_i4((const uint8_t *)q + (size_t)n * K / 2, sn, bn, f32, K, g, out);
+        deq_row_i4(qn, sn, bn, f32, K, g, out);
 }
 
 // ---- tiles: one weight row x up to QMT (int8 / int4) or MT (float) rows of x --------------------------------
@@ -762,11 +794,26 @@ static inline __attribute__((always_inline)) __m512 block_scales(const int SG, i
                : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)s + 16 * k));
 }
 
+// a block's four vectors of weight bytes as in[0..3] (groups 0-3, 4-7, ...) transposed into t: lane l of t[v] =
+// bytes 4v..4v+3 of group l
+static inline __attribute__((always_inline)) void transpose_block(const __m512i *in, __m512i *t) {
+    // stage 1: groups 0-7 (in0, in1) and 8-15 (in2, in3), their dwords 0, 1 (a) and 2, 3 (b), as lane 2g + v
+    const __m512i ia = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+    const __m512i ib = _mm512_add_epi32(ia, _mm512_set1_epi32(2));
+    const __m512i a01 = _mm512_permutex2var_epi32(in[0], ia, in[1]), b01 = _mm512_permutex2var_epi32(in[0], ib, in[1]);
+    const __m512i a23 = _mm512_permutex2var_epi32(in[2], ia, in[3]), b23 = _mm512_permutex2var_epi32(in[2], ib, in[3]);
+    // stage 2: dword v of group l in lane l
+    const __m512i i0 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
+    t[0] = _mm512_permutex2var_epi32(a01, i0, a23), t[1] = _mm512_permutex2var_epi32(a01, i1, a23);
+    t[2] = _mm512_permutex2var_epi32(b01, i0, b23), t[3] = _mm512_permutex2var_epi32(b01, i1, b23);
+}
+
 // block k's weights (nb groups at q + 256 k) transposed: w[v] lane l = bytes 4v..4v+3 of group l; then int4's low
 // nibbles in w[0..3], high ones in w[4..7]; int8's offset to unsigned bytes
-static inline __attribute__((always_inline)) void block_weights(const int BITS, const char *q, int k, int nb,
-                                                                __m512i *w) {
-    __m512i in[4];
+static inline __attribute__((always_inline)) void block_weights(const int BITS, int pre, const char *q, int k,
+                                                                int nb, __m512i *w) {
+    __m512i in[4], t[4];
     const char *p = q + (size_t)k * 256;
     for (int u = 0; u < 4; u++) {
         if (nb == 16) {
@@ -777,16 +824,11 @@ static inline __attribute__((always_inline)) void block_weights(const int BITS, 
             in[u] = _mm512_maskz_loadu_epi8(m, p + 64 * u);
         }
     }
-    // stage 1: groups 0-7 (in0, in1) and 8-15 (in2, in3), their dwords 0, 1 (a) and 2, 3 (b), as lane 2g + v
-    const __m512i ia = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
-    const __m512i ib = _mm512_add_epi32(ia, _mm512_set1_epi32(2));
-    const __m512i a01 = _mm512_permutex2var_epi32(in[0], ia, in[1]), b01 = _mm512_permutex2var_epi32(in[0], ib, in[1]);
-    const __m512i a23 = _mm512_permutex2var_epi32(in[2], ia, in[3]), b23 = _mm512_permutex2var_epi32(in[2], ib, in[3]);
-    // stage 2: dword v of group l in lane l
-    const __m512i i0 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
-    __m512i t[4] = {_mm512_permutex2var_epi32(a01, i0, a23), _mm512_permutex2var_epi32(a01, i1, a23),
-                    _mm512_permutex2var_epi32(b01, i0, b23), _mm512_permutex2var_epi32(b01, i1, b23)};
+    if (pre && nb == 16) {  // stored transposed (the block layout)
+        for (int v = 0; v < 4; v++) t[v] = in[v];
+    } else {
+        transpose_block(in, t);
+    }
     if (BITS == 8) {
         for (int v = 0; v < 4; v++) w[v] = _mm512_xor_si512(t[v], _mm512_set1_epi8((char)0x80));
         return;
@@ -831,8 +873,8 @@ static inline float hsum16(__m512 v) {
 }
 
 // one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1). xq_stride,
-// xc_stride: from one block of x to the next
-static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, const int SG, int f32, const char *q, const char *s,
+// xc_stride: from one block of x to the next. pre: the row is in the block layout
+static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, int pre, const int SG, int f32, const char *q, const char *s,
         const char *b, size_t xq_stride, const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_stride,
         const float *xs, int G, const int mt, float *r) {
     const int XB = X8_BLOCK_BYTES(BITS);
@@ -851,7 +893,7 @@ static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, c
             for (int m = 0; m < mt; m++) acc[m] = block_fma(2, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
             continue;
         }
-        block_weights(BITS, q, k, nb, w);
+        block_weights(BITS, pre, q, k, nb, w);
         const __m512 s16 = block_scales(SG, f32, s, k, nb);
         for (int m = 0; m < mt; m++)
             acc[m] = block_fma(BITS == 4 ? 8 : 4, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
@@ -862,7 +904,7 @@ static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, c
 }
 
 // one row of x, QR weight rows side by side: tile8_blocks' operations for mt = 1, row by row in the same order
-static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BITS, const int SG, int f32, const char *q,
+static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BITS, int pre, const int SG, int f32, const char *q,
         size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
         const int32_t *xcorr, const float *xs, int G, float *r) {
     __m512 acc[QR];
@@ -881,7 +923,7 @@ static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BI
         }
         for (int i = 0; i < QR; i++) {
             __m512i w[8];
-            block_weights(BITS, q + i * row_bytes, k, nb, w);
+            block_weights(BITS, pre, q + i * row_bytes, k, nb, w);
             acc[i] = block_fma(BITS == 4 ? 8 : 4, w, block_scales(SG, f32, s + i * srow, k, nb), xk, xsc + 16 * k,
                                xcorr + 16 * k, acc[i]);
         }
@@ -1020,13 +1062,13 @@ static inline int x8_blocks_for(int bits, int G) {
     return bits == 8 || G % 16 == 0 || x8_quad_tail(bits, G);
 #endif
 }
-#define TILE8_CALL(FN, BITS, ...) (jb->blocks ? FN##_blocks(BITS, __VA_ARGS__) : FN(BITS, __VA_ARGS__))
+#define TILE8_CALL(FN, BITS, ...) (jb->blocks ? FN##_blocks(BITS, jb->blocked, __VA_ARGS__) : FN(BITS, __VA_ARGS__))
 #else
 #define TILE8_CALL(FN, BITS, ...) FN(BITS, __VA_ARGS__)
 #endif
 
 struct job8 {
-    int M, K, G, blocks;  // blocks: the AVX-512 block tiles and x layout
+    int M, K, G, blocks, blocked;  // blocks: the AVX-512 block tiles and x layout; blocked: W in the block layout
     size_t xq_step, xc_step;      // from one row of x to the next: bytes of xq, values of xsc / xcorr
     size_t xq_stride, xc_stride;  // what tile8 takes: the same (AVX2), or from one block of x to the next (AVX-512)
     const int8_t *xq;
@@ -1092,8 +1134,8 @@ RANGE8_FN(range_i8g32x8_f, 8, 1, 1)
 
 // int4 in groups of 32, int8 in groups of 16, or int8 in groups of 32 without biases (two byte groups per scale),
 // int8 activations
-static void linear_x8(int bits, int f32, const float *x, int M, int K, const void *q, const void *s, const void *b,
-                      int g, int64_t N, float *y, int nthreads) {
+static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int K, const void *q, const void *s,
+                      const void *b, int g, int64_t N, float *y, int nthreads) {
     const int G = K / BYTE_GROUP(bits), with_sums = b || bits == 4;
     size_t xq_step = (size_t)K, xc_step = (size_t)G, xq_stride = xq_step, xc_stride = xc_step;
     size_t xq_row = xq_step, xc_row = xc_step;  // per row of x in all
@@ -1114,7 +1156,7 @@ static void linear_x8(int bits, int f32, const float *x, int M, int K, const voi
     else
 #endif
         quantize_rows_i8(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
-    const struct job8 jb = {M, K, G, blocks, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
+    const struct job8 jb = {M, K, G, blocks, blocked, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
                             (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y};
     static const row_range_fn fns[3][2] = {
         {range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}, {range_i8g32x8_h, range_i8g32x8_f}};
@@ -1129,10 +1171,57 @@ static void linear_x8(int bits, int f32, const float *x, int M, int K, const voi
 // x8: the model computes in bfloat16 (8 significant bits), so int4 in 32s and int8 in 16s, or in 32s without
 // biases (GGUF Q8_0 / Q5_0, our symmetric int8), may round x to int8 (in groups of 32 for int4, 16 for int8); a
 // float32 model keeps int16 activations (its greedy output then equals transformers' on the dequantized GGUF).
-void gsq_linear(int bits, int f32, int x8, const float *x, int M, int K, const void *q, const void *s,
+static inline int x8_format(int bits, int g, int has_bias) {
+    return (bits == 4 && g == 32) || (bits == 8 && (g == 16 || (g == 32 && !has_bias)));
+}
+
+// Whether the block layout suits W: the int8-activation AVX-512 block tiles are what read it
+int gsq_blocked(int bits, int K, int g, int has_bias) {
+#ifdef GS_X8_512
+    return x8_format(bits, g, has_bias) && x8_blocks_for(bits, K / BYTE_GROUP(bits));
+#else
+    (void)bits, (void)K, (void)g, (void)has_bias;
+    return 0;
+#endif
+}
+
+// W's rows [N] from the row layout into the block layout in place, or back (inverse)
+void gsq_to_blocks(int bits, void *q, int64_t N, int K, int inverse, int nthreads) {
+    const size_t rb = row_bytes_of(bits, K), full = rb / 256;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++)
+        for (size_t k = 0; k < full; k++) {
+            uint8_t tmp[256], *p = (uint8_t *)q + (size_t)n * rb + 256 * k;
+            memcpy(tmp, p, 256);
+            block_transpose(tmp, p, inverse);
+        }
+}
+
+// y = x @ W^T through dequantized rows: a block-layout W where the block tiles do not apply (float32 x; a build
+// without them). Correct, not fast: no model takes this path in decoding
+static void linear_dequant(int bits, int f32, const float *x, int M, int K, const void *q, const void *s,
+                           const void *b, int g, int64_t N, float *y, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        float w[K];
+        deq_row(bits, f32, 1, q, s, b, K, g, n, w);
+        for (int m = 0; m < M; m++) {
+            float acc = 0.0f;
+            for (int c = 0; c < K; c++) acc += x[(size_t)m * K + c] * w[c];
+            y[(size_t)m * N + n] = acc;
+        }
+    }
+}
+
+void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, int K, const void *q, const void *s,
                 const void *b, int g, int64_t N, float *y, int nthreads) {
-    if (x8 && ((bits == 4 && g == 32) || (bits == 8 && (g == 16 || (g == 32 && !b))))) {
-        linear_x8(bits, f32, x, M, K, q, s, b, g, N, y, nthreads);
+    const int x8_ok = x8 && x8_format(bits, g, b != NULL);
+    if (blocked && !(x8_ok && gsq_blocked(bits, K, g, b != NULL))) {
+        linear_dequant(bits, f32, x, M, K, q, s, b, g, N, y, nthreads);
+        return;
+    }
+    if (x8_ok) {
+        linear_x8(bits, f32, blocked, x, M, K, q, s, b, g, N, y, nthreads);
         return;
     }
     const int G = K / g;
@@ -1241,10 +1330,11 @@ void gsq_linear_bf16(const float *x, int M, int K, const uint16_t *w, int64_t N,
 }
 
 // out[r, K] = dequant(W[rows[r]]) for r < R (rows == NULL: rows n0 .. n0 + R - 1).
-void gsq_dequant(int bits, int f32, const void *q, const void *s, const void *b, int K, int g,
+void gsq_dequant(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K, int g,
                  const int64_t *rows, int64_t n0, int64_t R, float *out, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t r = 0; r < R; r++) deq_row(bits, f32, q, s, b, K, g, rows ? rows[r] : n0 + r, out + (size_t)r * K);
+    for (int64_t r = 0; r < R; r++)
+        deq_row(bits, f32, blocked, q, s, b, K, g, rows ? rows[r] : n0 + r, out + (size_t)r * K);
 }
 
 // The SIMD paths of this build: bit 0 AVX2 + FMA + F16C, bit 1 VNNI (vpdpwssd), bit 2 AVX-512VL (8-row tiles).

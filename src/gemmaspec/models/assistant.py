@@ -322,7 +322,7 @@ def _row_scores(table, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     try:
         sub = type(table)(table.bits, table.q.index_select(0, ids), table.scales.index_select(0, ids),
                           None if table.bias is None else table.bias.index_select(0, ids), table.group,
-                          table.in_features, table.compute_dtype)
+                          table.in_features, table.compute_dtype, blocked=table.blocked)
         return sub.linear(hidden)
     except (AttributeError, TypeError, ValueError):  # another table format: dequantize the rows
         return F.linear(hidden, table[ids].to(hidden.dtype))

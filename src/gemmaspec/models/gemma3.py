@@ -164,6 +164,7 @@ class Gemma3Block(nn.Module):
             packed = lin._modules.get("qweight")
             if packed is not None:
                 holders += (packed, *packed._buffers.values(), *packed._parameters.values())
+                ptrs.append(getattr(packed, "blocked", False))  # a layout that changes in place
             else:
                 w = lin._parameters["weight"]
                 holders.append(w)

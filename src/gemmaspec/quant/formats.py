@@ -8,6 +8,10 @@ stay exact), and holds integers q:  W = s * q + b.
     int4  q uint8 [N, K / 2]   values 0..15, asymmetric (b = group minimum); GGUF Q4_K / Q4_0 exactly
                                each 32-value chunk is 16 bytes: byte i = value i | value (i + 16) << 4
 
+On a CPU whose AVX-512 kernel reads a weight (bfloat16 models), q's rows are held in that kernel's block layout
+(`blocked`, kernels/linear.c: each full 256-byte block of a row transposed ahead of time); `values()` and every
+reader here undo it.
+
 The matmul (`QuantizedWeight.linear`) reads the packed weights: on a CPU the C kernel of `gemmaspec.kernels` for
 small M (decoding and speculative verification), a dequantize-in-blocks + float32 GEMM for large M
 (prefill), and a PyTorch fallback where the kernel cannot be built; on CUDA the int4 tinygemm kernel
@@ -34,7 +38,7 @@ class QuantizedWeight(nn.Module):
     """
 
     def __init__(self, bits: int, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int,
-                 in_features: int, dtype: torch.dtype = torch.float32):
+                 in_features: int, dtype: torch.dtype = torch.float32, blocked: bool = False):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -47,6 +51,7 @@ class QuantizedWeight(nn.Module):
         sdtype = torch.float32 if scales.dtype == torch.float32 else torch.float16
         self.register_buffer("scales", scales.to(sdtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(sdtype).contiguous())
+        self.blocked = blocked  # q's rows in the C kernel's block layout (use_block_layout)
         self._cuda_int4 = None  # (packed, scales_and_zeros) for tinygemm, built on first CUDA call
 
     # ---- tensor-like surface used by the models ---------------------------------------------------------
@@ -93,19 +98,40 @@ class QuantizedWeight(nn.Module):
         """(bits, float32 scales?, q, scales, bias pointers, group, N) for the C kernel, built once per set of
         buffers: reading them through nn.Module attributes costs more than a small matmul."""
         buffers = self._buffers
-        key = (buffers["q"], buffers["scales"], buffers["bias"])
+        key = (buffers["q"], buffers["scales"], buffers["bias"], self.blocked)
         cached = self.__dict__.get("_kernel_args")
         if cached is None or any(a is not b for a, b in zip(cached[0], key)):
-            q, scales, bias = key
-            args = (self.bits, int(scales.dtype == torch.float32), q.data_ptr(), scales.data_ptr(),
+            q, scales, bias, blocked = key
+            args = (self.bits, int(scales.dtype == torch.float32), int(blocked), q.data_ptr(), scales.data_ptr(),
                     bias.data_ptr() if bias is not None else None, self.group, self.out_features)
             cached = self.__dict__["_kernel_args"] = (key, args)
         return cached[1]
 
+    def use_block_layout(self) -> bool:
+        """Hold q in the block layout of the CPU kernel that reads it, where there is one (AVX-512 with int8
+        activations: a bfloat16 model). In place, once; returns whether q is held so."""
+        k = kernels.load()
+        if (not self.blocked and k is not None and self.q.is_cpu and self.q.is_contiguous()
+                and self.compute_dtype == torch.bfloat16 and self.group <= k.max_group and k.blocked_layout(self)):
+            k.to_blocks(self)
+            self.blocked = True
+        return self.blocked
+
     # ---- dequantization ---------------------------------------------------------------------------------
+    def row_layout_q(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """q of some rows (all by default) in the row layout of the module docstring, whatever `blocked` is."""
+        q = self.q if rows is None else self.q[rows]
+        if not self.blocked:
+            return q
+        R, row_bytes = q.shape
+        full = row_bytes // 256 * 256
+        # a full block holds byte (a, b, v, c) (digits base 4: group 4a + b, its dword v, byte c) at (v, a, b, c)
+        blocks = q[:, :full].reshape(R, -1, 4, 4, 4, 4).permute(0, 1, 3, 4, 2, 5).reshape(R, full)
+        return torch.cat([blocks, q[:, full:]], dim=1)
+
     def values(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """The integers q of some rows (all by default) as int16 [R, K] (int4 unpacked to 0..15)."""
-        q = self.q if rows is None else self.q[rows]
+        q = self.row_layout_q(rows)
         if self.bits == 8:
             return q.to(torch.int16)
         chunks = q.view(q.shape[0], -1, 16)
@@ -130,7 +156,7 @@ class QuantizedWeight(nn.Module):
         if (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.q.is_cpu
                 and not (x.requires_grad and torch.is_grad_enabled())):
             k = kernels.load()  # the decode / verification fast path: no reshapes, no casts
-            if k is not None and self.group <= k.max_group:
+            if k is not None and self.group <= k.max_group and (x8 or not self.blocked):
                 return k.linear(self, x.contiguous(), x8=x8)
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
@@ -142,8 +168,9 @@ class QuantizedWeight(nn.Module):
 
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
         k = kernels.load()
-        if k is not None and x.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group:
-            return k.linear(self, x.float().contiguous(), x8=x.dtype == torch.bfloat16)
+        x8 = x.dtype == torch.bfloat16
+        if k is not None and x.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group and (x8 or not self.blocked):
+            return k.linear(self, x.float().contiguous(), x8=x8)
         # Large M (prefill): dequantize blocks of rows and use a GEMM, which is compute-bound there: bfloat16 for a
         # bfloat16 model on a CPU that computes it natively (4-5x the float32 GEMM's rate on Zen 4), else float32.
         from ..loading import native_bf16
@@ -273,7 +300,7 @@ def concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
     qs, ss, bs = [], [], []
     any_bias = any(p.bias is not None for p in parts)
     for p in parts:
-        q = p.q if p.bits == bits else p.values().to(torch.int8)  # int4 values 0..15 fit int8
+        q = p.row_layout_q() if p.bits == bits else p.values().to(torch.int8)  # int4 values 0..15 fit int8
         rep = p.group // group
         s = p.scales.to(sdtype).repeat_interleave(rep, dim=1)
         b = p.bias.to(sdtype).repeat_interleave(rep, dim=1) if p.bias is not None else torch.zeros_like(s)
