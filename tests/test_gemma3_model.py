@@ -234,3 +234,19 @@ def test_bfloat16_model_gives_float32_logits(tiny_gemma3_dir, weights):
             logits = model.logits(rows)
             assert logits.dtype == torch.float32
             assert not torch.equal(logits, logits.bfloat16().float())
+
+
+def test_rope_tables_equal_rope_cos_sin():
+    """The decode steps' RoPE rows come sliced out of tables computed 256 positions at a time: the same values bit
+    for bit as computing each run on its own, for steps inside a table, across its end, after a rollback before
+    its start, and for a prompt longer than a table."""
+    from gemmaspec.models.layers import RopeTables, rope_cos_sin, rope_inv_freq
+
+    inv_freq = rope_inv_freq(256, 1_000_000.0)
+    tables = RopeTables(inv_freq, torch.float32)
+    for start, n in [(0, 7), (7, 1), (8, 5), (250, 6), (254, 5), (258, 1), (200, 3), (203, 1), (1000, 300),
+                     (1300, 1)]:
+        cos, sin = tables.get(start, n)
+        want_cos, want_sin = rope_cos_sin(torch.arange(start, start + n), inv_freq, torch.float32)
+        assert cos.shape == (n, 256) and cos.is_contiguous()
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)

@@ -244,15 +244,18 @@ def test_tiny_activations_give_tiny_outputs(bits, group, x8):
     assert torch.equal(y[[0, 2]], clean[[0, 2]])
 
 
-def test_embedding_lookup_dequantizes_rows():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_lookup_dequantizes_rows(backend, dtype):
     for bits in (8, 4):
-        qw = quantize(_weight(), bits)
+        qw = quantize(_weight(K=1024), bits, dtype=dtype)
+        qw.use_block_layout()  # (where this CPU's kernel has one)
         ids = torch.tensor([[3, 0, 299], [5, 5, 7]])
         rows = qw[ids]
-        assert rows.shape == (2, 3, 128)
+        assert rows.shape == (2, 3, 1024) and rows.dtype == dtype
         assert torch.equal(rows, qw.dequantize()[ids])
-        with pytest.raises(IndexError):
-            qw[torch.tensor([3, 300])]
+        for bad in ([3, 300], [-1]):
+            with pytest.raises(IndexError):
+                qw[torch.tensor(bad)]
 
 
 def test_concat_mixed_formats_is_exact():

@@ -90,12 +90,14 @@ class Kernels:
         P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.gsq_linear.argtypes = [I, I, I, I, P, I, I, P, P, P, I, I64, P, I]
         lib.gsq_linear.restype = None
-        lib.gsq_dequant.argtypes = [I, I, I, P, P, P, I, I, P, I64, I64, P, I]
+        lib.gsq_dequant.argtypes = [I, I, I, P, P, P, I, I, I64, I64, P, I]
         lib.gsq_dequant.restype = None
         lib.gsq_blocked.argtypes = [I, I, I, I]
         lib.gsq_blocked.restype = I
         lib.gsq_to_blocks.argtypes = [I, P, I64, I, I, I]
         lib.gsq_to_blocks.restype = None
+        lib.gsq_rows.argtypes = [I, I, I, P, P, P, I, I, I64, P, I64, P, I]
+        lib.gsq_rows.restype = I
         lib.gsq_simd.restype = I
         lib.gsq_max_group.restype = I
         F = ctypes.c_float
@@ -226,18 +228,24 @@ class Kernels:
                                  torch.get_num_threads())
         return out
 
-    def dequant(self, w, start: int, count: int, out: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows start .. start + count - 1 (or the int64 `rows`) of `w` as float32 [count, K]."""
-        if rows is not None:
-            rows = rows.to(torch.int64).contiguous()
-            count = rows.numel()
+    def dequant(self, w, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start .. start + count - 1 of `w` as float32 [count, K] (over threads: prefill's blocks of rows)."""
         if out is None:
             out = torch.empty(count, w.in_features, dtype=torch.float32)
-        self.lib.gsq_dequant(w.bits, _f32(w), int(w.blocked), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias), w.in_features, w.group,
-                             _ptr(rows), start, count, out.data_ptr(), torch.get_num_threads())
+        self.lib.gsq_dequant(w.bits, _f32(w), int(w.blocked), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias),
+                             w.in_features, w.group, start, count, out.data_ptr(), torch.get_num_threads())
         return out
 
+    def rows(self, w, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` (int64, any shape) of `w` dequantized, as `dtype` (float32 or bfloat16) [*ids.shape, K]: an
+        embedding lookup. IndexError for an id outside the table."""
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(*ids.shape, w.in_features, dtype=dtype)
+        if self.lib.gsq_rows(w.bits, _f32(w), int(w.blocked), w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.bias),
+                             w.in_features, w.group, w.out_features, ids.data_ptr(), ids.numel(), out.data_ptr(),
+                             int(dtype == torch.bfloat16)):
+            raise IndexError(f"embedding row out of range [0, {w.out_features})")
+        return out
 
     def blocked_layout(self, w) -> bool:
         """Whether the AVX-512 int8-activation tiles read `w` (a QuantizedWeight) for bfloat16 x, so that its rows

@@ -1329,12 +1329,32 @@ void gsq_linear_bf16(const float *x, int M, int K, const uint16_t *w, int64_t N,
     linear_float(16, x, M, K, w, N, y, nthreads);
 }
 
-// out[r, K] = dequant(W[rows[r]]) for r < R (rows == NULL: rows n0 .. n0 + R - 1).
+// out[r, K] = dequant(W[n0 + r]) for r < R.
 void gsq_dequant(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K, int g,
-                 const int64_t *rows, int64_t n0, int64_t R, float *out, int nthreads) {
+                 int64_t n0, int64_t R, float *out, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < R; r++) deq_row(bits, f32, blocked, q, s, b, K, g, n0 + r, out + (size_t)r * K);
+}
+
+// Embedding lookup: out[r] = dequant(W[ids[r]]) for r < R, float32 or (out_bf16) bfloat16 rounded as PyTorch's
+// .to() rounds, on the calling thread: a decode step reads one row, which costs less than waking a thread team.
+// Returns -1, writing nothing, if an id is outside [0, N).
+int gsq_rows(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K, int g, int64_t N,
+             const int64_t *ids, int64_t R, void *out, int out_bf16) {
     for (int64_t r = 0; r < R; r++)
-        deq_row(bits, f32, blocked, q, s, b, K, g, rows ? rows[r] : n0 + r, out + (size_t)r * K);
+        if (ids[r] < 0 || ids[r] >= N) return -1;
+    float *row = out_bf16 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
+    for (int64_t r = 0; r < R; r++) {
+        if (!out_bf16) {
+            deq_row(bits, f32, blocked, q, s, b, K, g, ids[r], (float *)out + (size_t)r * K);
+            continue;
+        }
+        deq_row(bits, f32, blocked, q, s, b, K, g, ids[r], row);
+        uint16_t *o = (uint16_t *)out + (size_t)r * K;
+        for (int i = 0; i < K; i++) o[i] = f32_to_bf16(row[i]);
+    }
+    free(row);
+    return 0;
 }
 
 // The SIMD paths of this build: bit 0 AVX2 + FMA + F16C, bit 1 VNNI (vpdpwssd), bit 2 AVX-512VL (8-row tiles).

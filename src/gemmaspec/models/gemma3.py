@@ -18,6 +18,7 @@ from ..cache import CacheLayerSpec, KVCache
 from .layers import (
     Linear,
     RMSNorm,
+    RopeTables,
     TensorGetter,
     apply_rope,
     attend,
@@ -25,7 +26,6 @@ from .layers import (
     fused_ops,
     geglu,
     lm_logits,
-    rope_cos_sin,
     rope_inv_freq,
     tie_lm_head,
 )
@@ -239,9 +239,10 @@ class Gemma3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run tokens [T] at the cache's next positions; returns final-normed hidden states [T, hidden]."""
-        positions = cache.begin(input_ids.shape[0])
-        cos_f, sin_f = rope_cos_sin(positions, self.inv_freq_full, torch.float32)
-        cos_l, sin_l = rope_cos_sin(positions, self.inv_freq_local, torch.float32)
+        start, n = cache.length, input_ids.shape[0]
+        cache.begin(n)
+        cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
+        cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
         x = self.embed(input_ids)
         stacked = self._stack(x, cache, cos_l, sin_l, cos_f, sin_f)
         if stacked is not None:
@@ -251,6 +252,13 @@ class Gemma3Model(nn.Module):
                 x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)
         cache.end()
         return self.norm(x)
+
+    def _rope(self, kind: str, inv_freq: torch.Tensor) -> RopeTables:
+        tables = self.__dict__.setdefault("_rope_tables", {})
+        held = tables.get(kind)
+        if held is None or held.inv_freq is not inv_freq:  # (a buffer that `.to()` replaced)
+            held = tables[kind] = RopeTables(inv_freq, torch.float32)
+        return held
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_stack_cache", None)  # tensors move (`.to()`): the next forward rebuilds the arguments

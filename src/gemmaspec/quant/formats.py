@@ -84,15 +84,15 @@ class QuantizedWeight(nn.Module):
         """Embedding lookup: dequantizes only the rows it reads (on the CPU in the C kernel: a decode step's
         one row costs ~10 us there, ~250 us through PyTorch's ops)."""
         ids = torch.as_tensor(ids, device=self.device)
+        k = kernels.load() if self.q.is_cpu else None
+        if k is not None and self.group <= k.max_group:  # (it checks the range: the C kernel reads what it is told)
+            if self.compute_dtype in (torch.float32, torch.bfloat16):
+                return k.rows(self, ids, self.compute_dtype)
+            return k.rows(self, ids, torch.float32).to(self.compute_dtype)
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):  # (the C kernel reads
-            raise IndexError(f"embedding row out of range [0, {self.out_features})")      # what it is told)
-        k = kernels.load() if self.q.is_cpu and flat.numel() else None
-        if k is not None and self.group <= k.max_group:
-            rows = k.dequant(self, 0, 0, rows=flat).to(self.compute_dtype)
-        else:
-            rows = self.dequantize(flat)
-        return rows.reshape(*ids.shape, self.in_features)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):
+            raise IndexError(f"embedding row out of range [0, {self.out_features})")
+        return self.dequantize(flat).reshape(*ids.shape, self.in_features)
 
     def kernel_args(self) -> tuple:
         """(bits, float32 scales?, q, scales, bias pointers, group, N) for the C kernel, built once per set of
