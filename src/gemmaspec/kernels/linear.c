@@ -868,6 +868,18 @@ static inline __attribute__((always_inline)) __m512 quad_scales(int f32, const c
                                  _mm512_castps128_ps512(v));
 }
 
+// The bias terms' factors of block k's nb groups (lanes 0..nb-1) for one weight row: int4's centred group bias
+// b_j + 8 s_j, int8's own b_j; each multiplies the float sum of x over its group (xs16)
+static inline __attribute__((always_inline)) __m512 block_bias(const int BITS, int f32, const char *b, const char *s,
+                                                               int k, int nb) {
+    const __m512 bv = b ? block_scales(0, f32, b, k, nb) : _mm512_setzero_ps();
+    return BITS == 4 ? _mm512_fmadd_ps(_mm512_set1_ps(8.0f), block_scales(0, f32, s, k, nb), bv) : bv;
+}
+
+static inline __attribute__((always_inline)) __m512 xs16(const float *xs, int k, int nb) {
+    return _mm512_maskz_loadu_ps(nb == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nb) - 1), xs + 16 * k);
+}
+
 static inline float hsum16(__m512 v) {
     return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
@@ -877,7 +889,7 @@ static inline float hsum16(__m512 v) {
 static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, int pre, const int SG, int f32, const char *q, const char *s,
         const char *b, size_t xq_stride, const int8_t *xq, const float *xsc, const int32_t *xcorr, size_t xc_stride,
         const float *xs, int G, const int mt, float *r) {
-    const int XB = X8_BLOCK_BYTES(BITS);
+    const int XB = X8_BLOCK_BYTES(BITS), with_bias = BITS == 4 || b;
     __m512 acc[QMT];
     for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
     const int nblocks = (int)x8_blocks(G);
@@ -886,53 +898,59 @@ static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, i
         const int8_t *xk = xq + k * xq_stride;
         const float *ck = xsc + k * xc_stride;
         const int32_t *nk = xcorr + k * xc_stride;
+        const __m512 c16 = with_bias ? block_bias(BITS, f32, b, s, k, nb) : _mm512_setzero_ps();
         __m512i w[8];
         if (nb < 16 && x8_quad_tail(BITS, G)) {
             quad_weights(q, k, nb, w);
             const __m512 s16 = quad_scales(f32, s, k, nb);
-            for (int m = 0; m < mt; m++) acc[m] = block_fma(2, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
+            for (int m = 0; m < mt; m++) {
+                acc[m] = block_fma(2, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
+                if (with_bias) acc[m] = _mm512_fmadd_ps(c16, xs16(xs + (size_t)m * G, k, nb), acc[m]);
+            }
             continue;
         }
         block_weights(BITS, pre, q, k, nb, w);
         const __m512 s16 = block_scales(SG, f32, s, k, nb);
-        for (int m = 0; m < mt; m++)
+        for (int m = 0; m < mt; m++) {
             acc[m] = block_fma(BITS == 4 ? 8 : 4, w, s16, xk + m * XB, ck + 16 * m, nk + 16 * m, acc[m]);
+            if (with_bias) acc[m] = _mm512_fmadd_ps(c16, xs16(xs + (size_t)m * G, k, nb), acc[m]);
+        }
     }
-    float bt[QMT];
-    x8_bias_terms(BITS, f32, b, s, xs, G, mt, bt);
-    for (int m = 0; m < mt; m++) r[m] = hsum16(acc[m]) + bt[m];
+    for (int m = 0; m < mt; m++) r[m] = hsum16(acc[m]);
 }
 
 // one row of x, QR weight rows side by side: tile8_blocks' operations for mt = 1, row by row in the same order
 static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BITS, int pre, const int SG, int f32, const char *q,
         size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
         const int32_t *xcorr, const float *xs, int G, float *r) {
+    const int with_bias = BITS == 4 || b;
     __m512 acc[QR];
     for (int i = 0; i < QR; i++) acc[i] = _mm512_setzero_ps();
     const int nblocks = (int)x8_blocks(G);
     for (int k = 0; k < nblocks; k++) {
         const int nb = G - 16 * k < 16 ? G - 16 * k : 16;
         const int8_t *xk = xq + (size_t)k * X8_BLOCK_BYTES(BITS);
+        const __m512 x16 = with_bias ? xs16(xs, k, nb) : _mm512_setzero_ps();
         if (nb < 16 && x8_quad_tail(BITS, G)) {
             for (int i = 0; i < QR; i++) {
+                const char *si = s + i * srow, *bi = b ? b + i * srow : NULL;
                 __m512i w[2];
                 quad_weights(q + i * row_bytes, k, nb, w);
-                acc[i] = block_fma(2, w, quad_scales(f32, s + i * srow, k, nb), xk, xsc + 16 * k, xcorr + 16 * k, acc[i]);
+                acc[i] = block_fma(2, w, quad_scales(f32, si, k, nb), xk, xsc + 16 * k, xcorr + 16 * k, acc[i]);
+                if (with_bias) acc[i] = _mm512_fmadd_ps(block_bias(BITS, f32, bi, si, k, nb), x16, acc[i]);
             }
             continue;
         }
         for (int i = 0; i < QR; i++) {
+            const char *si = s + i * srow, *bi = b ? b + i * srow : NULL;
             __m512i w[8];
             block_weights(BITS, pre, q + i * row_bytes, k, nb, w);
-            acc[i] = block_fma(BITS == 4 ? 8 : 4, w, block_scales(SG, f32, s + i * srow, k, nb), xk, xsc + 16 * k,
+            acc[i] = block_fma(BITS == 4 ? 8 : 4, w, block_scales(SG, f32, si, k, nb), xk, xsc + 16 * k,
                                xcorr + 16 * k, acc[i]);
+            if (with_bias) acc[i] = _mm512_fmadd_ps(block_bias(BITS, f32, bi, si, k, nb), x16, acc[i]);
         }
     }
-    for (int i = 0; i < QR; i++) {
-        float bt;
-        x8_bias_terms(BITS, f32, b ? b + i * srow : NULL, s + i * srow, xs, G, 1, &bt);
-        r[i] = hsum16(acc[i]) + bt;
-    }
+    for (int i = 0; i < QR; i++) r[i] = hsum16(acc[i]);
 }
 #endif  // GS_X8_512
 // one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1)
