@@ -193,12 +193,15 @@ def test_block_layout_changes_no_output(bits, group, K, f32_scales):
         assert torch.equal(qw.linear(x[:M].bfloat16()).float(), y.bfloat16().float())
     assert torch.equal(qw.row_layout_q(), row_q) and torch.equal(qw.dequantize(), want_deq)
     assert torch.equal(qw[ids], want_rows)
+    # float32 x (a float32 MTP assistant scoring with the target's tied table): the same int8-activation tiles
+    assert torch.equal(qw.linear(x), want[9]) and torch.equal(qw.linear(x[:1]), want[1])
     exact = x.double() @ qw.dequantize(dtype=torch.float32).double().t()
-    for y in (qw.linear(x), KERNEL.linear(qw, x)):  # float32 x: through dequantized rows (GEMM; the C fallback)
-        assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    y = KERNEL.linear(qw, x)  # the C kernel asked for int16 activations on this layout: through dequantized rows
+    assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
     sub = QuantizedWeight(bits, qw.q[ids], qw.scales[ids], None if qw.bias is None else qw.bias[ids], group, K,
                           torch.bfloat16, blocked=True)  # gathered rows keep the layout (the assistant's head)
     assert torch.equal(sub.linear(x[:3].bfloat16()), want[9][:3, ids].bfloat16())
+    assert torch.equal(sub.linear(x[:3]), want[9][:3, ids])
     KERNEL.to_blocks(qw, inverse=True)
     assert torch.equal(qw.q, row_q)
 
@@ -208,6 +211,7 @@ def test_block_layout_only_where_its_kernel_reads_it():
     do not take (int4 with 5-15 groups in its last block, int8 in groups of 32 with biases)."""
     assert not quantize(_weight(N=4, K=1024), 4, dtype=torch.float32).use_block_layout()
     assert not quantize(_weight(N=4, K=736), 4, dtype=torch.bfloat16).use_block_layout()  # 23 groups: 16 + 7
+    assert not quantize(_weight(N=4, K=128), 4, dtype=torch.bfloat16).use_block_layout()  # no full block
     w = quantize(_weight(N=4, K=512), 8, dtype=torch.bfloat16)
     with_bias = QuantizedWeight(8, w.q, w.scales, torch.zeros_like(w.scales), 32, 512, torch.bfloat16)
     assert not with_bias.use_block_layout()

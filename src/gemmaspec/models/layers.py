@@ -172,8 +172,10 @@ def geglu(gate_up: torch.Tensor, act=gelu_tanh) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def embed_scale(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Gemma multiplies embeddings by sqrt(hidden) rounded to the compute dtype, as the reference does. One
-    tensor per (size, dtype), never written: built once instead of at every step."""
-    return torch.tensor(math.sqrt(hidden_size), dtype=dtype)
+    tensor per (size, dtype), never written: built once instead of at every step (outside inference mode, so that
+    training can use it too)."""
+    with torch.inference_mode(False):
+        return torch.tensor(math.sqrt(hidden_size), dtype=dtype)
 
 
 def lm_logits(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:

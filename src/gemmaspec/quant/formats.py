@@ -111,7 +111,7 @@ class QuantizedWeight(nn.Module):
         """Hold q in the block layout of the CPU kernel that reads it, where there is one (AVX-512 with int8
         activations: a bfloat16 model). In place, once; returns whether q is held so."""
         k = kernels.load()
-        if (not self.blocked and k is not None and self.q.is_cpu and self.q.is_contiguous()
+        if (not self.blocked and k is not None and self.q.is_cpu and self.q.is_contiguous() and self.q.shape[1] >= 256
                 and self.compute_dtype == torch.bfloat16 and self.group <= k.max_group and k.blocked_layout(self)):
             k.to_blocks(self)
             self.blocked = True
@@ -152,12 +152,14 @@ class QuantizedWeight(nn.Module):
     # ---- matmul -----------------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, x8: bool = False) -> torch.Tensor:
         """x [..., K] @ W^T -> [..., N] in x's dtype. x8: float32 x standing for a bfloat16 model's activations
-        (the kernel may round them to int8, as it does bfloat16 x)."""
+        (the kernel may round them to int8, as it does bfloat16 x). A blocked weight is a bfloat16 model's and the
+        int8-activation tiles are what read its layout: the kernel takes every x that way (e.g. a float32 MTP
+        assistant scoring with the target's tied table)."""
         if (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and self.q.is_cpu
                 and not (x.requires_grad and torch.is_grad_enabled())):
             k = kernels.load()  # the decode / verification fast path: no reshapes, no casts
-            if k is not None and self.group <= k.max_group and (x8 or not self.blocked):
-                return k.linear(self, x.contiguous(), x8=x8)
+            if k is not None and self.group <= k.max_group:
+                return k.linear(self, x.contiguous(), x8=x8 or self.blocked)
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         if self.q.device.type == "cuda":
@@ -168,9 +170,8 @@ class QuantizedWeight(nn.Module):
 
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
         k = kernels.load()
-        x8 = x.dtype == torch.bfloat16
-        if k is not None and x.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group and (x8 or not self.blocked):
-            return k.linear(self, x.float().contiguous(), x8=x8)
+        if k is not None and x.shape[0] <= kernels.MAX_ROWS and self.group <= k.max_group:
+            return k.linear(self, x.float().contiguous(), x8=x.dtype == torch.bfloat16 or self.blocked)
         # Large M (prefill): dequantize blocks of rows and use a GEMM, which is compute-bound there: bfloat16 for a
         # bfloat16 model on a CPU that computes it natively (4-5x the float32 GEMM's rate on Zen 4), else float32.
         from ..loading import native_bf16
