@@ -57,8 +57,7 @@ _state: dict = {}
 class WeightArgs(ctypes.Structure):
     """A weight as the matmul kernels take it (struct gs_weight of block.c)."""
     _fields_ = [("kind", ctypes.c_int), ("f32", ctypes.c_int), ("blocked", ctypes.c_int), ("q", ctypes.c_void_p),
-                ("s", ctypes.c_void_p),
-                ("b", ctypes.c_void_p), ("group", ctypes.c_int), ("N", ctypes.c_int64)]
+                ("s", ctypes.c_void_p), ("b", ctypes.c_void_p), ("group", ctypes.c_int), ("N", ctypes.c_int64)]
 
 
 class Gemma3BlockArgs(ctypes.Structure):

@@ -1251,7 +1251,7 @@ void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, i
     float *xsc = (float *)malloc((size_t)M * G * sizeof(float) * 2), *xs = b ? xsc + (size_t)M * G : NULL;
     quantize_rows(x, M, K, g, b != NULL, xq, xsc, xs);
     const struct job jb = {f32, M, K, G, g, xq, xsc, xs, (const char *)q, (const char *)s, (const char *)b,
-                           bits == 8 ? (size_t)K : (size_t)K / 2, (size_t)G * (f32 ? 4 : 2), N, y};
+                           row_bytes_of(bits, K), (size_t)G * (f32 ? 4 : 2), N, y};
     static const row_range_fn fns[2][2][3] = {  // [int8?][float32 scales?][group 32, 16, other]
         {{range_i4_g32_h, range_i4_g16_h, range_i4_any_h}, {range_i4_g32_f, range_i4_g16_f, range_i4_any_f}},
         {{range_i8_g32_h, range_i8_g16_h, range_i8_any_h}, {range_i8_g32_f, range_i8_g16_f, range_i8_any_f}}};
