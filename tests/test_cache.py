@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import torch
@@ -35,3 +36,44 @@ def test_ring_slots_hold_their_positions_through_wraps_and_rollbacks():
         assert window <= set(slot_pos[live].tolist())  # the window is always there
         full_k, _, full_pos = cache.layer_kv(1)
         assert torch.equal(full_k[0, :, 0], full_pos.float())
+
+
+def test_kernel_views_equal_block_target_through_wraps_and_rollbacks():
+    """The C kernel's one-call slots and masks (cache.kernel_views, decode steps of the C block stack) are
+    block_target's, step after step (end()'s slot writes are checked above: every slot holds what it claims)."""
+    from gemmaspec import kernels
+
+    fast = kernels.load()
+    if fast is None:
+        import pytest
+
+        pytest.skip("no C compiler: the kernels are not built")
+    specs = [CacheLayerSpec(1, 2, 2, window=4), CacheLayerSpec(1, 2, 2, window=None)]
+    fast_cache = KVCache(specs, capacity=120, dtype=torch.float32, spec_margin=3)  # ring of 7 slots
+    ref_cache = KVCache(specs, capacity=120, dtype=torch.float32, spec_margin=3)
+    rng = random.Random(1)
+    checked = 0
+    while fast_cache.length < 100:
+        n = rng.choice([1, 1, 1, 2, 3])  # at most ring - window: block_target's decode / verification steps
+        positions = ref_cache.begin(n)
+        fast_cache.begin(n, positions=False)
+        (cap_r, slots_r, S_r, mask_r), (cap_f, slots_f, S_f, mask_f) = fast_cache.kernel_views(fast)
+        as_tensor = lambda ptr, count, dtype: torch.frombuffer(  # noqa: E731
+            (ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr), dtype=dtype)
+        _, _, ref_slots, ref_S, ref_mask = ref_cache.block_target(0)
+        assert (cap_r, S_r) == (7, ref_S) and torch.equal(as_tensor(slots_r, n, torch.int64), ref_slots)
+        assert torch.equal(as_tensor(mask_r, n * S_r, torch.bool).view(n, S_r), ref_mask)
+        _, _, ref_slots, ref_S, ref_mask = ref_cache.block_target(1)
+        assert (cap_f, S_f) == (120, ref_S) and torch.equal(as_tensor(slots_f, n, torch.int64), ref_slots)
+        if n == 1:
+            assert mask_f is None and ref_mask is None
+        else:
+            assert torch.equal(as_tensor(mask_f, n * S_f, torch.bool).view(n, S_f), ref_mask)
+        for cache in (fast_cache, ref_cache):
+            cache.end()
+        checked += 1
+        if rng.random() < 0.3:
+            back = rng.randint(0, min(3, n))
+            for cache in (fast_cache, ref_cache):
+                cache.rollback(cache.length - back)
+    assert checked > 50

@@ -63,26 +63,33 @@ class KVCache:
             self.values.append(torch.zeros(spec.n_kv_heads, size, spec.v_dim, dtype=dtype, device=device))
         # Position held by each ring slot (-1 = empty); all sliding layers share one ring geometry.
         self.slot_pos = torch.full((self.ring_size or 1,), -1, dtype=torch.long, device=device)
+        # the same memory as numpy: a decode step's few slot writes without a tensor op each (end())
+        self._slot_pos_np = self.slot_pos.numpy() if self.slot_pos.is_cpu else None
         self._step: _Step | None = None
+        self._view_buffers: tuple | None = None  # kernel_views' slots and masks, reused from step to step
 
     # ---- per forward -------------------------------------------------------------------------
-    def begin(self, n_new: int) -> torch.Tensor:
-        """Start a forward over n_new tokens at positions [length, length + n_new); returns the positions."""
+    def begin(self, n_new: int, positions: bool = True) -> torch.Tensor | None:
+        """Start a forward over n_new tokens at positions [length, length + n_new); returns the positions (None
+        with positions=False: a forward that takes kernel_views needs no tensor of them)."""
         start = self.length
         if start + n_new > self.capacity:
             raise PromptTooLongError(
                 f"sequence of {start + n_new} tokens exceeds the cache capacity of {self.capacity} tokens"
             )
-        positions = torch.arange(start, start + n_new, device=self.device)
-        self._step = _Step(self, start, n_new, positions)
-        return positions
+        self._step = _Step(self, start, n_new)
+        return self._step.positions if positions else None
 
     def end(self) -> None:
         step = self._step
         self.length = step.start + step.n_new
         if self.ring_size is not None:
-            slots, pos = step.ring_slots()
-            self.slot_pos[slots] = pos
+            if self._slot_pos_np is not None and step.n_new <= 64:  # a decode / verification step: no tensor ops
+                for p in range(max(step.start, self.length - self.ring_size), self.length):
+                    self._slot_pos_np[p % self.ring_size] = p
+            else:
+                slots, pos = step.ring_slots()
+                self.slot_pos[slots] = pos
         self._step = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> AttentionView:
@@ -118,6 +125,37 @@ class KVCache:
         if not self._fits_ring(step, window):
             return None
         return self.keys[layer], self.values[layer], step.ring_slots()[0], self.ring_size, step.ring_mask(window)
+
+    def kernel_views(self, fast) -> tuple | None:
+        """block_target's slots and masks for both layer kinds in one C call (`fast`: the loaded kernels,
+        ops.c gso_step_views) into buffers the cache keeps: ~15 small tensor ops cost a decode step ~0.3 ms with
+        the caches cold. Per kind (sliding, full): (slots in the cache buffer, slots pointer, S, mask pointer or
+        None), the same values as block_target; None where it would give None (or the sliding layers' windows
+        differ). The pointers are valid until the next forward."""
+        step = self._step
+        windows = {spec.window for spec in self.specs if spec.window is not None}
+        if len(windows) > 1 or not self.keys[0].is_cpu:
+            return None
+        window = windows.pop() if windows else None
+        if window is not None and not self._fits_ring(step, window):
+            return None
+        T, S_full = step.n_new, step.start + step.n_new
+        ring = self.ring_size if window is not None else 0
+        held = self._view_buffers
+        if held is None or held[0].numel() < 2 * T or held[1].numel() < T * ring or held[2].numel() < T * S_full:
+            held = self._view_buffers = (
+                torch.empty(2 * max(T, 8), dtype=torch.int64),
+                torch.empty(max(T, 8) * ring, dtype=torch.bool),
+                # a verification's full mask [T, S]: room for the whole cache, allocated once
+                torch.empty(max(T, 8) * self.capacity if T > 1 else 0, dtype=torch.bool),
+            )
+        slots, mask_r, mask_f = held
+        s_ptr = slots.data_ptr()
+        r_ptr, f_ptr = (mask_r.data_ptr() if ring else None), (mask_f.data_ptr() if T > 1 else None)
+        fast.step_views(self.slot_pos if ring else None, ring, window or 0, step.start, T, s_ptr, r_ptr, s_ptr + 8 * T,
+                        f_ptr)
+        ring_view = (self.ring_size, s_ptr, self.ring_size, r_ptr) if ring else None
+        return ring_view, (self.capacity, s_ptr + 8 * T, S_full, f_ptr)
 
     def _fits_ring(self, step, window: int) -> bool:
         """Whether this forward's K/V can go into the ring before attention: the slots it overwrites are then older
@@ -159,13 +197,19 @@ class KVCache:
 class _Step:
     """Masks of one forward, computed lazily once per attention kind."""
 
-    def __init__(self, cache: KVCache, start: int, n_new: int, positions: torch.Tensor):
+    def __init__(self, cache: KVCache, start: int, n_new: int):
         self.cache = cache
         self.start = start
         self.n_new = n_new
-        self.positions = positions
+        self._positions = None
         self._masks: dict = {}
         self._slots = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        if self._positions is None:
+            self._positions = torch.arange(self.start, self.start + self.n_new, device=self.cache.device)
+        return self._positions
 
     def ring_slots(self):
         if self._slots is None:

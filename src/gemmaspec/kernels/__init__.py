@@ -109,10 +109,12 @@ class Kernels:
         lib.gso_argmax.argtypes = [P, I, I64, P]
         lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I, I]
         lib.gs_gemma3_block.restype = None
-        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, I, I]
+        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, P, F, I,
+                                        I]
+        lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
         lib.gs_gemma3_stack.restype = None
         for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention,
-                   lib.gso_gelu_mul, lib.gso_argmax):
+                   lib.gso_gelu_mul, lib.gso_argmax, lib.gso_step_views):
             fn.restype = None
         self.lib, self.path = lib, path
         simd = lib.gsq_simd()
@@ -210,22 +212,25 @@ class Kernels:
                                  S, _ptr(mask), int(x.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
-    def gemma3_stack(self, layers: "StackArgs", x: torch.Tensor, cos_l, sin_l, cos_f, sin_f, ring, full) -> torch.Tensor:
-        """Every block in one call (block.c gs_gemma3_stack): `ring` / `full` are the (keys, values, slots, S, mask)
-        views of cache.block_target for a sliding and a full layer (None where the model has no such layer)."""
+    def gemma3_stack(self, layers: "StackArgs", x: torch.Tensor, cos_l, sin_l, cos_f, sin_f, ring, full,
+                     final_norm: torch.Tensor | None = None, final_eps: float = 0.0) -> torch.Tensor:
+        """Every block in one call (block.c gs_gemma3_stack), then the model's last RMSNorm (float32 weight) when
+        given: `ring` / `full` are the (buffer capacity, slots pointer, S, mask pointer) views of
+        cache.kernel_views for the sliding and the full layers (None where the model has no such layer)."""
         out, scratch = torch.empty_like(x), torch.empty_like(x)
         views = []
         for view in (ring, full):
-            if view is None:
-                views += [0, None, 0, None]
-            else:
-                keys, _, slots, S, mask = view
-                views += [keys.shape[1], slots.data_ptr(), S, _ptr(mask)]
+            views += [0, None, 0, None] if view is None else view
         self.lib.gs_gemma3_stack(layers.n, layers.blocks, layers.sliding, layers.kbufs, layers.vbufs, x.data_ptr(),
                                  out.data_ptr(), scratch.data_ptr(), x.shape[0], cos_l.data_ptr(), sin_l.data_ptr(),
-                                 cos_f.data_ptr(), sin_f.data_ptr(), *views, int(x.dtype == torch.bfloat16),
-                                 torch.get_num_threads())
+                                 cos_f.data_ptr(), sin_f.data_ptr(), *views, _ptr(final_norm), final_eps,
+                                 int(x.dtype == torch.bfloat16), torch.get_num_threads())
         return out
+
+    def step_views(self, slot_pos: torch.Tensor | None, ring: int, window: int, start: int, T: int, slots_r,
+                   mask_r, slots_f, mask_f) -> None:
+        """ops.c gso_step_views into the given buffers (pointers; mask_f None: no full mask): cache.kernel_views."""
+        self.lib.gso_step_views(_ptr(slot_pos), ring, window, start, T, slots_r, mask_r, slots_f, mask_f)
 
     def dequant(self, w, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start .. start + count - 1 of `w` as float32 [count, K] (over threads: prefill's blocks of rows)."""

@@ -397,6 +397,32 @@ void gso_gelu_mul(const float *gu, int T, int I, float *out) {
     }
 }
 
+// ---- a step's cache views ---------------------------------------------------------------------------------
+// The slots and masks of a decode / verification step of T tokens at positions start .. start + T - 1, as
+// cache.py's _Step gives them (block_target), in one call. Sliding layers (ring > 0 slots; slot_pos[s]: the
+// position slot s holds, -1 none): slots_r[t] = (start + t) % ring, mask_r[t, s] = whether query t sees the
+// position p that slot s holds once this step's keys are written (positions >= start are stale):
+// 0 <= p <= start + t and p > start + t - window. Full layers: slots_f[t] = start + t, and with mask_f (NULL:
+// none, a single query sees every slot) mask_f[t, s] = s <= start + t over start + T slots.
+void gso_step_views(const int64_t *slot_pos, int64_t ring, int64_t window, int64_t start, int T, int64_t *slots_r,
+                    uint8_t *mask_r, int64_t *slots_f, uint8_t *mask_f) {
+    for (int t = 0; t < T; t++) slots_f[t] = start + t;
+    if (mask_f)
+        for (int t = 0; t < T; t++)
+            for (int64_t s = 0; s < start + T; s++) mask_f[(size_t)t * (start + T) + s] = s <= start + t;
+    if (ring <= 0) return;
+    for (int t = 0; t < T; t++) slots_r[t] = (start + t) % ring;
+    for (int64_t s = 0; s < ring; s++) {
+        int64_t p = slot_pos[s] >= start ? -1 : slot_pos[s];
+        const int64_t back = (s - start % ring + ring) % ring;  // this step writes position start + back here
+        if (back < T) p = start + back;
+        for (int t = 0; t < T; t++) {
+            const int64_t q = start + t;
+            mask_r[(size_t)t * ring + s] = p >= 0 && p <= q && p > q - window;
+        }
+    }
+}
+
 // ---- argmax ------------------------------------------------------------------------------------------------
 // out[r] = the index of the first maximum of row r of x [R, n] (the first NaN if the row has one), as
 // torch.argmax: greedy decoding's pick over a 262k vocabulary, which PyTorch takes ~0.25 ms for.

@@ -240,18 +240,17 @@ class Gemma3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run tokens [T] at the cache's next positions; returns final-normed hidden states [T, hidden]."""
         start, n = cache.length, input_ids.shape[0]
-        cache.begin(n)
+        cache.begin(n, positions=False)
         cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
         cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
         x = self.embed(input_ids)
-        stacked = self._stack(x, cache, cos_l, sin_l, cos_f, sin_f)
-        if stacked is not None:
-            x = stacked
-        else:
+        normed = self._stack(x, cache, cos_l, sin_l, cos_f, sin_f)  # (with the final norm)
+        if normed is None:
             for i, layer in enumerate(self.layers):
                 x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)
+            normed = self.norm(x)
         cache.end()
-        return self.norm(x)
+        return normed
 
     def _rope(self, kind: str, inv_freq: torch.Tensor) -> RopeTables:
         tables = self.__dict__.setdefault("_rope_tables", {})
@@ -265,9 +264,9 @@ class Gemma3Model(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _stack(self, x, cache: KVCache, cos_l, sin_l, cos_f, sin_f):
-        """Every block in one C call (kernels/block.c gs_gemma3_stack: each block exactly as Gemma3Block.forward's
-        C path, without ~85 us of Python per block) for decode and verification steps; None where a block cannot
-        take the C path."""
+        """Every block and the final norm in one C call (kernels/block.c gs_gemma3_stack: each block exactly as
+        Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and verification steps; None
+        where a block cannot take the C path."""
         fast = fused_ops(x, (torch.float32, torch.bfloat16))
         head_dim = self.config.head_dim
         if not (_fits_c_block(fast, x, cos_l, sin_l, head_dim) and _fits_c_block(fast, x, cos_f, sin_f, head_dim)):
@@ -283,16 +282,12 @@ class Gemma3Model(nn.Module):
             # the weights behind the pointers, kept alive even if a block's own argument cache is rebuilt
             holders = [layer.__dict__.get("_block_cache") for layer in self.layers]
             cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders)
-        if cached[1] is None:
+        if cached[1] is None or cache.keys[0].dtype != x.dtype:
             return None
-        views = {}
-        for i, layer in enumerate(self.layers):
-            if layer.sliding not in views:
-                view = cache.block_target(i)
-                if view is None or view[0].dtype != x.dtype:
-                    return None
-                views[layer.sliding] = view
-        return fast.gemma3_stack(cached[1], x, cos_l, sin_l, cos_f, sin_f, views.get(True), views.get(False))
+        views = cache.kernel_views(fast)
+        if views is None:
+            return None
+        return fast.gemma3_stack(cached[1], x, cos_l, sin_l, cos_f, sin_f, *views, self.norm.weight, self.norm.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(self.lm_head, hidden, self.config.final_logit_softcapping)
