@@ -180,3 +180,31 @@ def test_argmax_is_torch_argmax():
     x[5, 0] = 9.0
     assert greedy_tokens(x) == x.argmax(dim=-1).tolist()
     assert K is None or K.argmax(x) == x.argmax(dim=-1).tolist()
+
+
+def test_argmax_of_vocabulary_rows_split_over_threads():
+    """Rows as long as a vocabulary go in chunks over threads: the first maximum or NaN of the whole row still,
+    wherever it falls relative to the chunks, with one thread or two."""
+    n = 262144
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, n, generator=g)
+    x[0, n // 2] = x[0, n // 2 - 1] = 40.0  # a tie across the chunk boundary: the first
+    x[1, 10] = x[1, n - 3] = 40.0  # a tie far apart
+    x[2, n - 1] = 40.0  # the last value
+    x[3, n // 2 + 5] = float("nan")  # a NaN in the second chunk beats a larger first-chunk maximum
+    x[3, 3] = 99.0
+    x[4, 100] = float("nan")
+    x[4, n - 100] = float("nan")
+    x[5] = float("-inf")
+    x[6, n // 2] = 40.0  # the second chunk's first value
+    want = x.argmax(dim=-1).tolist()
+    if K is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert K.argmax(x) == want, t
+            assert K.argmax(x[3:5].contiguous()) == want[3:5], t
+    finally:
+        torch.set_num_threads(threads)

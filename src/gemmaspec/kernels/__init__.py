@@ -106,7 +106,7 @@ class Kernels:
         lib.gso_qk_norm_rope.argtypes = [P, I, I, I, I, I, P, P, F, P, P, I]
         lib.gso_attention.argtypes = [P, I, I, I64, I64, I, P, I64, I64, P, I64, I64, I, I, I, P, F, P, I, I]
         lib.gso_gelu_mul.argtypes = [P, I, I, P]
-        lib.gso_argmax.argtypes = [P, I, I64, P]
+        lib.gso_argmax.argtypes = [P, I, I64, P, I]
         lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I, I]
         lib.gs_gemma3_block.restype = None
         lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, P, F, I,
@@ -183,7 +183,7 @@ class Kernels:
     def argmax(self, x: torch.Tensor) -> list[int]:
         """torch.argmax(x, dim=-1).tolist() for float32 rows [R, n] (contiguous): the first maximum of each row."""
         out = torch.empty(x.shape[0], dtype=torch.int64)
-        self.lib.gso_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+        self.lib.gso_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
         return out.tolist()
 
     def weight_args(self, linear) -> WeightArgs | None:
