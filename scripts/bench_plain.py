@@ -5,6 +5,9 @@ limit = measured read bandwidth / bytes of weights read per token. The bandwidth
 between 22 and 72 GB/s from one minute to the next, so it is measured (best of 9 passes over 1 GiB) right before
 each of our decode runs: `ours_fraction_of_limit` is the median of the per-run fractions, and
 `ours_fraction_of_peak_limit` takes the highest bandwidth seen in the whole run instead (the stricter figure).
+`ours_fraction_of_read_pass`: the median of each run's tok/s over that of a C pass that only reads the same
+weights (same threads), timed right after the run: the same bytes at the same moment (a best-of-9 sum catches
+the bandwidth's peaks, a generation averages over them).
 
     python scripts/bench_plain.py [--dtype float32|bfloat16|auto] [--max-new-tokens 64] [--repeats 3]
 """
@@ -19,7 +22,7 @@ import time
 import torch
 
 # The same prompts and bandwidth measurement as the weight-format benchmark (scripts/ is on sys.path).
-from bench_weights import PROMPTS, read_bandwidth_gbs  # noqa: E402
+from bench_weights import PROMPTS, read_bandwidth_gbs, read_only_tps, weight_reader  # noqa: E402
 
 
 def ours(engine, prompt: str, max_new: int) -> float:
@@ -65,11 +68,14 @@ def main() -> None:
     if hf is not None:
         transformers_tps(hf, engine.encode_prompt(PROMPTS[0]), 8)
 
+    reader = weight_reader(target.model)
     rows = []
     for _ in range(args.repeats):  # interleaved so machine noise hits both alike
         for prompt in PROMPTS:
             row = {"bandwidth": read_bandwidth_gbs()}
             row["ours"] = ours(engine, prompt, args.max_new_tokens)
+            if reader is not None:
+                row["read_pass"] = read_only_tps(reader, args.max_new_tokens)
             if hf is not None:
                 row["hf"] = transformers_tps(hf, engine.encode_prompt(prompt), args.max_new_tokens)
             rows.append(row)
@@ -92,6 +98,8 @@ def main() -> None:
         "ours_fraction_of_limit": round(fraction, 3),
         "ours_fraction_of_peak_limit": round(ours_tps * nbytes / (max(r["bandwidth"] for r in rows) * 1e9), 3),
     }
+    if reader is not None:
+        report["ours_fraction_of_read_pass"] = round(statistics.median(r["ours"] / r["read_pass"] for r in rows), 3)
     if hf is not None:
         hf_tps = statistics.median(r["hf"] for r in rows)
         report["transformers_tokens_per_second"] = round(hf_tps, 2)

@@ -8,7 +8,10 @@
 Decode: tokens/s of plain greedy decoding (drafter none) for float32, bf16, int8, int4 and auto (the GGUF's own
 int8/int4 mix), same prompts, formats interleaved round by round, medians; next to llama.cpp on the same GGUF
 when `llama-cpp-python` is installed. Each is also given as a fraction of its bandwidth limit = measured read
-bandwidth / bytes of weights read per token (every matrix once; the tied embedding once, as the LM head).
+bandwidth / bytes of weights read per token (every matrix once; the tied embedding once, as the LM head), and
+as a fraction of a pass that only reads those same weights (C, same threads), timed right after each run: this
+VM's bandwidth moves by 2x within minutes, and a best-of-9 1 GiB sum catches its peaks where a generation
+averages over them.
 
 Quality, against bf16 weights (the unquantized model in the dtype users get) on the prompts of the bench suite
 (`gemmaspec bench`'s 61 prompts, six categories): greedy continuations of each format compared position by
@@ -75,6 +78,26 @@ def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 9) -> float:
     x.sum()
     best = min(_timed(x.sum) for _ in range(repeats))
     return x.numel() * 4 / best / 1e9
+
+
+def weight_reader(model):
+    """A C pass over the model's weights (every tensor a decode step reads, once), or None without the kernels."""
+    from gemmaspec import kernels
+    from gemmaspec.quant import weight_tensors
+
+    fast = kernels.load()
+    return kernels.ReadPass(fast, weight_tensors(model)) if fast is not None else None
+
+
+def read_only_tps(reader, passes: int) -> float:
+    """Tokens/s of a decode step that did nothing but read its weights, right now: `passes` passes (one a token),
+    timed as a whole like a generation. Timed right after each decode run, it measures the same bytes, threads and
+    moment of this shared VM's bandwidth as the run (a best-of-9 1 GiB sum catches its peaks)."""
+    reader()
+    t = time.perf_counter()
+    for _ in range(passes):
+        reader()
+    return passes / (time.perf_counter() - t)
 
 
 def _timed(fn) -> float:
@@ -306,10 +329,14 @@ def main():
         engine.generate(PROMPTS[0], max_new_tokens=4)
 
     rates = {fmt: [] for fmt in formats}
+    readers = {fmt: weight_reader(engine.model) for fmt, engine in engines.items()}
+    read_fractions = {fmt: [] for fmt in formats}  # each run's tok/s over a read-only pass's right after it
     for _ in range(args.repeats):
         for prompt in PROMPTS:
             for fmt, engine in engines.items():
                 rates[fmt].append(decode_tps(engine, prompt, args.max_new_tokens))
+                if readers[fmt] is not None:
+                    read_fractions[fmt].append(rates[fmt][-1] / read_only_tps(readers[fmt], args.max_new_tokens))
         bandwidths.append(read_bandwidth_gbs())
     bandwidth = statistics.median(bandwidths)
     results = {}
@@ -318,7 +345,9 @@ def main():
         limit = bandwidth * 1e9 / info[fmt]["bytes_per_token"]
         results[fmt] = dict(info[fmt], tokens_per_second=tps, limit_tokens_per_second=limit,
                             fraction_of_limit=tps / limit,
-                            fraction_of_peak_limit=tps * info[fmt]["bytes_per_token"] / (max(bandwidths) * 1e9))
+                            fraction_of_peak_limit=tps * info[fmt]["bytes_per_token"] / (max(bandwidths) * 1e9),
+                            fraction_of_read_pass=statistics.median(read_fractions[fmt]) if read_fractions[fmt]
+                            else None)
     path = default_model_path()
     llama = llama_cpp_tps(path, PROMPTS, args.max_new_tokens, args.repeats, threads)
     if llama is not None:
@@ -340,16 +369,19 @@ def main():
         n = next(r["quality_prompts"] for r in results.values() if "quality_prompts" in r)
         print(f"agreement with {ref} weights on {n} bench-suite prompts x {args.quality_tokens} greedy tokens: "
               "free-running (positions equal) / common prefix / teacher-forced")
-    print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | of peak | agree | prefix | forced | ppl | "
-          "decode ppl | load s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("of read pass: the median of each run's tok/s over that of a pass that only read the same weights, timed "
+          "right after it")
+    print("| weights | MB/token | tok/s | vs float32 | limit tok/s | of limit | of peak | of read pass | agree | prefix | "
+          "forced | ppl | decode ppl | load s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         vs = f"{r['tokens_per_second'] / base:.2f}x" if base else "-"
         q = (f"{r['greedy_agreement']:.0%} | {r['common_prefix']:.1f} | {r['teacher_forced_agreement']:.1%} | "
              f"{r['perplexity']:.2f} | {r['decode_perplexity']:.2f}" if "perplexity" in r else "- | - | - | - | -")
         print(f"| {name} | {r['bytes_per_token'] / 1e6:.0f} | {r['tokens_per_second']:.1f} | {vs} | "
               f"{r['limit_tokens_per_second']:.1f} | {r['fraction_of_limit']:.0%} | "
-              f"{r['fraction_of_peak_limit']:.0%} | {q} | "
+              f"{r['fraction_of_peak_limit']:.0%} | "
+              f"{'-' if r.get('fraction_of_read_pass') is None else format(r['fraction_of_read_pass'], '.0%')} | {q} | "
               f"{r.get('load_seconds', float('nan')):.1f} |")
     if llama is None:
         print("(llama.cpp: `llama-cpp-python` is not installed; skipped)")

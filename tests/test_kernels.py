@@ -208,3 +208,30 @@ def test_argmax_of_vocabulary_rows_split_over_threads():
             assert K.argmax(x[3:5].contiguous()) == want[3:5], t
     finally:
         torch.set_num_threads(threads)
+
+
+def test_read_pass_reads_every_byte_once():
+    """The benchmarks' read-only pass (kernels.ReadPass) covers every byte of every buffer, whatever their sizes
+    and the thread count: its checksum is the XOR of all 8-byte words of the whole 64-byte lines, then of each
+    remaining byte."""
+    if K is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    import numpy as np
+
+    g = torch.Generator().manual_seed(2)
+    buffers = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+               for n in (64, 1000, 3 * 2**20 + 77, 5, 128 * 1024)]
+    want = 0
+    for b in buffers:
+        a = b.numpy()
+        whole = len(a) // 64 * 64
+        want ^= int(np.bitwise_xor.reduce(a[:whole].view(np.uint64))) if whole else 0
+        for byte in a[whole:]:
+            want ^= int(byte)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert kernels.ReadPass(K, buffers)() == want, t
+    finally:
+        torch.set_num_threads(threads)

@@ -112,6 +112,8 @@ class Kernels:
         lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, P, F, I,
                                         I]
         lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
+        lib.gso_read_pass.argtypes = [P, P, I, I]
+        lib.gso_read_pass.restype = ctypes.c_uint64
         lib.gs_gemma3_stack.restype = None
         for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention,
                    lib.gso_gelu_mul, lib.gso_argmax, lib.gso_step_views):
@@ -260,6 +262,20 @@ class Kernels:
         """w.q (contiguous, on the CPU) from the row layout into the block layout in place, or back."""
         self.lib.gsq_to_blocks(w.bits, w.q.data_ptr(), w.out_features, w.in_features, int(inverse),
                                torch.get_num_threads())
+
+
+class ReadPass:
+    """A pass over a set of tensors' bytes in C (ops.c gso_read_pass), timed by the benchmarks beside decoding:
+    the tokens/s of a decode step that only read its weights, at that moment."""
+
+    def __init__(self, kernels: "Kernels", tensors: list[torch.Tensor]):
+        self.lib, self.tensors = kernels.lib, tensors  # (held: the pointers are theirs)
+        self.n = len(tensors)
+        self.ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in tensors])
+        self.sizes = (ctypes.c_int64 * self.n)(*[t.numel() * t.element_size() for t in tensors])
+
+    def __call__(self) -> int:
+        return self.lib.gso_read_pass(self.ptrs, self.sizes, self.n, torch.get_num_threads())
 
 
 def _f32(w) -> int:

@@ -125,20 +125,24 @@ def use_block_layout(model: torch.nn.Module) -> None:
             module.use_block_layout()
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every matrix once (a tied table counts once, as the LM head)."""
-    seen, total = set(), 0
+def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors of weights one decode step reads, each once (a tied table once, as the LM head)."""
+    seen, found = set(), []
     for module in model.modules():
-        tensors = []
         if isinstance(module, (QuantizedWeight, BF16Weight)):
-            tensors = list(module.buffers(recurse=False))
+            tensors = [t for t in module.buffers(recurse=False) if t is not None]
         else:
-            tensors = [p for p in module.parameters(recurse=False)]
+            tensors = list(module.parameters(recurse=False))
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
+                found.append(t)
+    return found
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matrix once (a tied table counts once, as the LM head)."""
+    return sum(t.numel() * t.element_size() for t in weight_tensors(model))
 
 
 def _note(model, fmt: str, device: torch.device) -> str:
