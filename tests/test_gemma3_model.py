@@ -118,6 +118,37 @@ def test_fused_block_kernel_equals_the_python_path_bitwise(tiny_gemma3_dir, weig
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
+@pytest.mark.parametrize("dtype,weights", [("float32", "float"), ("float32", "int4"), ("bfloat16", "bf16"),
+                                           ("bfloat16", "int8"), ("bfloat16", "int4")])
+def test_forward_logits_equal_forward_then_logits(tiny_gemma3_dir, dtype, weights, monkeypatch):
+    """The engine's target pass (forward_logits: the LM head and its argmax inside the C block stack's call) gives
+    bit for bit what forward() then logits() then torch.argmax give, for decode steps and verification chunks."""
+    from gemmaspec.loading import load_model
+
+    model = load_model(str(tiny_gemma3_dir), dtype=dtype, device="cpu", weights=weights).model
+    calls = _spy_on_c_blocks(monkeypatch)
+    torch.manual_seed(0)
+    ids = torch.randint(4, 96, (60,))
+    caches = [model.new_cache(128, spec_margin=8) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids[:10], cache)
+        at = 10
+        for n in [1, 1, 4, 3, 1, 5, 2, 6, 1, 1, 4]:
+            hidden, logits, best = model.forward_logits(ids[at:at + n], caches[0])
+            ref_hidden = model(ids[at:at + n], caches[1])
+            ref_logits = model.logits(ref_hidden)
+            assert torch.equal(hidden, ref_hidden) and torch.equal(logits, ref_logits)
+            assert best == ref_logits.argmax(-1).tolist()
+            at += n
+            if n > 2:
+                at -= 2
+                for cache in caches:
+                    cache.rollback(at)
+    assert "stack" in calls
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_fused_block_kernel_in_bfloat16(tiny_gemma3_dir, weights, monkeypatch):
     """A bfloat16 model's decode steps also run in the C block (x and the KV cache in bfloat16, computed in

@@ -202,8 +202,8 @@ class Engine:
                 stats.draft_seconds += draft_seconds
             t = time.perf_counter()
             inputs = torch.tensor([tokens[-1]] + draft_tokens, device=self.device)
-            hidden = model(inputs, cache)
-            n_accepted, next_token = verify(model.logits(hidden), draft_tokens, draft_probs, params, generator)
+            hidden, logits, best = _forward_logits(model, inputs, cache)
+            n_accepted, next_token = verify(logits, draft_tokens, draft_probs, params, generator, greedy=best)
             cache.rollback(cache.length - (len(draft_tokens) - n_accepted))
             last_hidden = hidden[n_accepted]
             verify_seconds = time.perf_counter() - t
@@ -225,6 +225,16 @@ class Engine:
         stats.tokens_per_second = stats.new_tokens / stats.decode_seconds if stats.decode_seconds > 0 else 0.0
         result = GenerationResult(emitted_text, new_ids, finish, stats, prompt_ids)
         yield StreamChunk(delta, step_ids, result)
+
+
+def _forward_logits(model, input_ids: torch.Tensor, cache):
+    """(hidden, logits, greedy tokens or None) of a target pass: in one call where the model has one (Gemma 3 on
+    the CPU computes the LM head and its argmax inside its C block stack)."""
+    fused = getattr(model, "forward_logits", None)
+    if fused is not None:
+        return fused(input_ids, cache)
+    hidden = model(input_ids, cache)
+    return hidden, model.logits(hidden), None
 
 
 def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:

@@ -21,11 +21,13 @@ def verify(
     draft_probs: torch.Tensor | None,
     params: SamplingParams,
     generator: torch.Generator | None,
+    greedy: list[int] | None = None,
 ) -> tuple[int, int]:
-    """Returns (number of drafts accepted, the next token chosen by the target)."""
+    """Returns (number of drafts accepted, the next token chosen by the target). greedy: each row's argmax of
+    target_logits when the caller has it (the target's pass computed it)."""
     k = len(draft_tokens)
     if params.greedy:
-        best = greedy_tokens(target_logits)
+        best = greedy if greedy is not None else greedy_tokens(target_logits)
         n = 0
         while n < k and draft_tokens[n] == best[n]:
             n += 1

@@ -109,8 +109,8 @@ class Kernels:
         lib.gso_argmax.argtypes = [P, I, I64, P, I]
         lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I, I]
         lib.gs_gemma3_block.restype = None
-        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, P, F, I,
-                                        I]
+        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, P, F, P, P,
+                                        P, I, I]
         lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
         lib.gso_read_pass.argtypes = [P, P, I, I]
         lib.gso_read_pass.restype = ctypes.c_uint64
@@ -215,9 +215,11 @@ class Kernels:
         return out
 
     def gemma3_stack(self, layers: "StackArgs", x: torch.Tensor, cos_l, sin_l, cos_f, sin_f, ring, full,
-                     final_norm: torch.Tensor | None = None, final_eps: float = 0.0) -> torch.Tensor:
+                     final_norm: torch.Tensor | None = None, final_eps: float = 0.0, head: WeightArgs | None = None,
+                     logits: torch.Tensor | None = None, best: torch.Tensor | None = None) -> torch.Tensor:
         """Every block in one call (block.c gs_gemma3_stack), then the model's last RMSNorm (float32 weight) when
-        given: `ring` / `full` are the (buffer capacity, slots pointer, S, mask pointer) views of
+        given, and with it the LM head `head` into `logits` (float32 [T, N]) and their argmax into `best` (int64
+        [T]) when given: `ring` / `full` are the (buffer capacity, slots pointer, S, mask pointer) views of
         cache.kernel_views for the sliding and the full layers (None where the model has no such layer)."""
         out, scratch = torch.empty_like(x), torch.empty_like(x)
         views = []
@@ -226,6 +228,7 @@ class Kernels:
         self.lib.gs_gemma3_stack(layers.n, layers.blocks, layers.sliding, layers.kbufs, layers.vbufs, x.data_ptr(),
                                  out.data_ptr(), scratch.data_ptr(), x.shape[0], cos_l.data_ptr(), sin_l.data_ptr(),
                                  cos_f.data_ptr(), sin_f.data_ptr(), *views, _ptr(final_norm), final_eps,
+                                 None if head is None else ctypes.addressof(head), _ptr(logits), _ptr(best),
                                  int(x.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 

@@ -27,6 +27,7 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
                    int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int kv_bf16,
                    int nthreads);
 void gso_gelu_mul(const float *gu, int T, int I, float *out);
+void gso_argmax(const float *x, int R, int64_t n, int64_t *out, int nthreads);
 
 // A weight as the matmul kernels take it (kernels/__init__.py builds these).
 struct gs_weight {
@@ -152,12 +153,15 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
 // scratch are [T, hidden] in the model's dtype; x_out may not be x_in. final_norm (NULL: none) is the model's
 // last RMSNorm, applied to the last block's output as models/gemma3.py's RMSNorm does (bfloat16: from the rounded
 // output, rounded again): in here it costs ~1 us, as three PyTorch ops ~0.25 ms with the caches cold.
+// head (NULL: none; with the final norm) is the LM head: logits[T, head->N] = x_out widened to float32 @ head^T,
+// as models/layers.py lm_logits computes them (the same kernel and values), and best[t] (NULL: none) the first
+// maximum of row t, as torch.argmax, while the logits are still in the cores' caches.
 void gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const uint8_t *sliding, void *const *kbufs,
                      void *const *vbufs, const void *x_in, void *x_out, void *scratch, int T, const float *cos_l,
                      const float *sin_l, const float *cos_f, const float *sin_f, int64_t ring_cap,
                      const int64_t *slots_r, int S_r, const uint8_t *mask_r, int64_t full_cap, const int64_t *slots_f,
-                     int S_f, const uint8_t *mask_f, const float *final_norm, float final_eps, int bf16,
-                     int nthreads) {
+                     int S_f, const uint8_t *mask_f, const float *final_norm, float final_eps,
+                     const struct gs_weight *head, float *logits, int64_t *best, int bf16, int nthreads) {
     const void *in = x_in;
     for (int i = 0; i < n; i++) {
         void *out = (n - 1 - i) % 2 == 0 ? x_out : scratch;  // the last block writes x_out
@@ -171,16 +175,22 @@ void gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const u
     }
     if (final_norm == NULL || n == 0) return;
     const int H = blocks[0]->hidden;
+    float *normed = (float *)x_out;  // the rows as float32: the head's input
     if (!bf16) {
-        gso_rms_norm((const float *)x_out, final_norm, final_eps, T, H, NULL, (float *)x_out);
-        return;
+        gso_rms_norm(normed, final_norm, final_eps, T, H, NULL, normed);
+    } else {
+        normed = (float *)malloc(sizeof(float) * (size_t)T * H);
+        uint16_t *y = (uint16_t *)x_out;
+        for (int t = 0; t < T; t++) {
+            float *row = normed + (size_t)t * H;
+            for (int i = 0; i < H; i++) row[i] = bf16_to_f32(y[(size_t)t * H + i]);
+            gso_rms_norm(row, final_norm, final_eps, 1, H, NULL, row);
+            for (int i = 0; i < H; i++) row[i] = bf16_to_f32(y[(size_t)t * H + i] = f32_to_bf16(row[i]));
+        }
     }
-    float *row = (float *)malloc(sizeof(float) * (size_t)H);
-    uint16_t *y = (uint16_t *)x_out;
-    for (int t = 0; t < T; t++) {
-        for (int i = 0; i < H; i++) row[i] = bf16_to_f32(y[(size_t)t * H + i]);
-        gso_rms_norm(row, final_norm, final_eps, 1, H, NULL, row);
-        for (int i = 0; i < H; i++) y[(size_t)t * H + i] = f32_to_bf16(row[i]);
+    if (head) {
+        matmul(head, normed, T, H, logits, bf16, nthreads);
+        if (best) gso_argmax(logits, T, head->N, best, nthreads);
     }
-    free(row);
+    if (bf16) free(normed);
 }

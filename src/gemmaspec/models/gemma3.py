@@ -239,18 +239,29 @@ class Gemma3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run tokens [T] at the cache's next positions; returns final-normed hidden states [T, hidden]."""
+        return self._forward(input_ids, cache, with_head=False)[0]
+
+    def forward_logits(self, input_ids: torch.Tensor, cache: KVCache):
+        """forward() and logits() at once: (hidden [T, hidden], float32 logits [T, vocab], each row's greedy token
+        as a list, or None where not computed). A decode or verification step on the CPU computes the LM head and
+        its argmax in the C block stack's call, the same kernel and values as logits() and torch.argmax (~0.25 ms
+        of Python and a pass over cold logits fewer a step)."""
+        hidden, logits, best = self._forward(input_ids, cache, with_head=True)
+        return (hidden, self.logits(hidden), None) if logits is None else (hidden, logits, best)
+
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache, with_head: bool):
         start, n = cache.length, input_ids.shape[0]
         cache.begin(n, positions=False)
         cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
         cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
         x = self.embed(input_ids)
-        normed = self._stack(x, cache, cos_l, sin_l, cos_f, sin_f)  # (with the final norm)
-        if normed is None:
+        out = self._stack(x, cache, cos_l, sin_l, cos_f, sin_f, with_head)  # (with the final norm)
+        if out is None:
             for i, layer in enumerate(self.layers):
                 x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)
-            normed = self.norm(x)
+            out = self.norm(x), None, None
         cache.end()
-        return normed
+        return out
 
     def _rope(self, kind: str, inv_freq: torch.Tensor) -> RopeTables:
         tables = self.__dict__.setdefault("_rope_tables", {})
@@ -263,10 +274,11 @@ class Gemma3Model(nn.Module):
         self.__dict__.pop("_stack_cache", None)  # tensors move (`.to()`): the next forward rebuilds the arguments
         return super()._apply(fn, *args, **kwargs)
 
-    def _stack(self, x, cache: KVCache, cos_l, sin_l, cos_f, sin_f):
+    def _stack(self, x, cache: KVCache, cos_l, sin_l, cos_f, sin_f, with_head: bool):
         """Every block and the final norm in one C call (kernels/block.c gs_gemma3_stack: each block exactly as
-        Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and verification steps; None
-        where a block cannot take the C path."""
+        Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and verification steps:
+        (hidden, logits, greedy tokens), the last two None unless with_head and the head can go in that call
+        (logits() takes the same kernel: no final soft-capping). None where a block cannot take the C path."""
         fast = fused_ops(x, (torch.float32, torch.bfloat16))
         head_dim = self.config.head_dim
         if not (_fits_c_block(fast, x, cos_l, sin_l, head_dim) and _fits_c_block(fast, x, cos_f, sin_f, head_dim)):
@@ -281,13 +293,19 @@ class Gemma3Model(nn.Module):
             args = kernels.StackArgs(blocks, sliding, cache.keys, cache.values) if usable else None
             # the weights behind the pointers, kept alive even if a block's own argument cache is rebuilt
             holders = [layer.__dict__.get("_block_cache") for layer in self.layers]
-            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders)
+            head = fast.weight_args(self.lm_head) if self.config.final_logit_softcapping is None else None
+            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders, head)
         if cached[1] is None or cache.keys[0].dtype != x.dtype:
             return None
         views = cache.kernel_views(fast)
         if views is None:
             return None
-        return fast.gemma3_stack(cached[1], x, cos_l, sin_l, cos_f, sin_f, *views, self.norm.weight, self.norm.eps)
+        head = cached[3] if with_head else None
+        logits = torch.empty(x.shape[0], self.config.vocab_size) if head is not None else None
+        best = torch.empty(x.shape[0], dtype=torch.int64) if head is not None else None
+        hidden = fast.gemma3_stack(cached[1], x, cos_l, sin_l, cos_f, sin_f, *views, self.norm.weight, self.norm.eps,
+                                   head, logits, best)
+        return hidden, logits, None if best is None else best.tolist()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(self.lm_head, hidden, self.config.final_logit_softcapping)
