@@ -464,3 +464,43 @@ def test_int4_quantizes_weights_on_the_gpu():
         qw = quantize(w, 4, importance=importance)
         assert qw.q.is_cuda
         assert (qw.dequantize(dtype=torch.float32) - w).abs().max() < 0.1 * w.abs().max()
+
+
+@pytest.mark.parametrize("weights", ["float", "int4"])
+def test_weights_in_huge_pages_change_nothing_but_where_they_live(tiny_gemma3_dir, weights):
+    """hugepages.hold_weights_in_huge_pages moves every weight a decode step reads into one huge-page mapping in
+    place: the same tensor objects (a tied table stays tied), the same values and decode results, and no kernel
+    argument cache left on the old pointers."""
+    import os
+
+    from gemmaspec.hugepages import hold_weights_in_huge_pages
+    from gemmaspec.loading import load_model
+    from gemmaspec.quant import weight_tensors
+
+    os.environ["GEMMASPEC_NO_HUGE_PAGES"] = "1"
+    try:
+        model = load_model(str(tiny_gemma3_dir), dtype="bfloat16", device="cpu", weights=weights).model
+    finally:
+        del os.environ["GEMMASPEC_NO_HUGE_PAGES"]
+    ids = torch.randint(4, 96, (12,), generator=torch.Generator().manual_seed(0))
+
+    def decode() -> list[torch.Tensor]:
+        cache = model.new_cache(32)
+        with torch.inference_mode():
+            out = [model.logits(model(ids[:8], cache))]
+            out += [model.logits(model(ids[i:i + 1], cache)) for i in range(8, 12)]
+        return out
+
+    before = decode()  # (builds the kernels' argument caches on the old pointers)
+    tensors = weight_tensors(model)
+    values = [t.clone() for t in tensors]
+    if not hold_weights_in_huge_pages(model):
+        pytest.skip("no huge-page request on this platform")
+    assert all(a is b for a, b in zip(weight_tensors(model), tensors))  # the same objects, in place
+    assert all(torch.equal(t, v) and t.data_ptr() % 64 == 0 for t, v in zip(tensors, values))
+    start = min(t.data_ptr() for t in tensors)
+    assert start % (2 << 20) == 0  # one mapping from a 2 MB boundary
+    if weights == "float":
+        assert model.lm_head.weight is model.embed_tokens  # the tie holds
+    for a, b in zip(before, decode()):
+        assert torch.equal(a, b)

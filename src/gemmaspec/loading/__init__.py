@@ -109,6 +109,10 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     if model is None:
         model = _load_folder(folder, torch_dtype, dev, notes)
         apply_weight_format(model, weights, notes, tokenizer, source)
+    if dev.type == "cpu":
+        from ..hugepages import hold_weights_in_huge_pages
+
+        hold_weights_in_huge_pages(model)
     name = "default" if spec in ("default", "", None) else str(source)
     return LoadedModel(model, tokenizer, name, folder, source, notes)
 
