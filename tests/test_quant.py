@@ -467,21 +467,17 @@ def test_int4_quantizes_weights_on_the_gpu():
 
 
 @pytest.mark.parametrize("weights", ["float", "int4"])
-def test_weights_in_huge_pages_change_nothing_but_where_they_live(tiny_gemma3_dir, weights):
+def test_weights_in_huge_pages_change_nothing_but_where_they_live(tiny_gemma3_dir, weights, monkeypatch):
     """hugepages.hold_weights_in_huge_pages moves every weight a decode step reads into one huge-page mapping in
     place: the same tensor objects (a tied table stays tied), the same values and decode results, and no kernel
     argument cache left on the old pointers."""
-    import os
-
     from gemmaspec.hugepages import hold_weights_in_huge_pages
     from gemmaspec.loading import load_model
     from gemmaspec.quant import weight_tensors
 
-    os.environ["GEMMASPEC_NO_HUGE_PAGES"] = "1"
-    try:
-        model = load_model(str(tiny_gemma3_dir), dtype="bfloat16", device="cpu", weights=weights).model
-    finally:
-        del os.environ["GEMMASPEC_NO_HUGE_PAGES"]
+    monkeypatch.setenv("GEMMASPEC_NO_HUGE_PAGES", "1")  # loaded where PyTorch puts them
+    model = load_model(str(tiny_gemma3_dir), dtype="bfloat16", device="cpu", weights=weights).model
+    monkeypatch.delenv("GEMMASPEC_NO_HUGE_PAGES")
     ids = torch.randint(4, 96, (12,), generator=torch.Generator().manual_seed(0))
 
     def decode() -> list[torch.Tensor]:

@@ -8,8 +8,8 @@ order a decode step reads them. Zen 4 VM, same process, interleaved generations:
 1.06-1.20x (the GGUF's own int8/int4), 1.12x (float32), outputs identical; in one run about two thirds of auto's
 1.055x came from the one contiguous mapping alone (1.038x with 4 KB pages); the int4 LM head alone read 1.4x and
 multiplied 1.19x faster. Where the system has no huge
-pages (or not this call) nothing changes: the mapping is then ordinary memory. GEMMASPEC_NO_HUGE_PAGES=1 keeps
-the weights where they were loaded.
+pages (or not this call) nothing changes: the mapping is then ordinary memory. The KV cache takes its buffers
+from such a mapping too (cache.py). GEMMASPEC_NO_HUGE_PAGES=1 asks for none of this.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def huge_buffer(nbytes: int) -> torch.Tensor | None:
     """A uint8 tensor of nbytes in memory that asks for 2 MB pages, starting at a 2 MB boundary; None where the
     platform has no such request (the tensor keeps its mapping alive)."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or nbytes <= 0:
+    if advice is None or nbytes <= 0 or os.environ.get("GEMMASPEC_NO_HUGE_PAGES") == "1":
         return None
     try:
         arena = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -45,8 +45,6 @@ def hold_weights_in_huge_pages(model: torch.nn.Module) -> bool:
     pointers. CPU models only; returns whether the weights moved."""
     from .quant import weight_tensors
 
-    if os.environ.get("GEMMASPEC_NO_HUGE_PAGES") == "1":
-        return False
     tensors = [t for t in weight_tensors(model) if t.device.type == "cpu" and t.is_contiguous() and t.numel()]
     offsets, total = [], 0
     for t in tensors:
