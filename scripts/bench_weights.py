@@ -136,7 +136,7 @@ def load_format(fmt: str):
 
 def decode_tps(engine, prompt: str, max_new: int) -> float:
     result = engine.generate(prompt, max_new_tokens=max_new)
-    return result.stats.new_tokens / result.stats.decode_seconds
+    return (result.stats.new_tokens - 1) / result.stats.decode_seconds  # decode passes (the first token: prefill)
 
 
 def llama_cpp_tps(path, prompts: list[str], max_new: int, repeats: int, threads: int) -> dict | None:

@@ -77,3 +77,10 @@ def test_kernel_views_equal_block_target_through_wraps_and_rollbacks():
             for cache in (fast_cache, ref_cache):
                 cache.rollback(cache.length - back)
     assert checked > 50
+    held = []
+    for _ in range(3):  # plain decoding reuses the buffers step after step
+        fast_cache.begin(1, positions=False)
+        fast_cache.kernel_views(fast)
+        held.append(fast_cache._view_buffers)
+        fast_cache.end()
+    assert held[0] is held[1] is held[2]

@@ -145,7 +145,8 @@ class KVCache:
         T, S_full = step.n_new, step.start + step.n_new
         ring = self.ring_size if window is not None else 0
         held = self._view_buffers
-        if held is None or held[0].numel() < 2 * T or held[1].numel() < T * ring or held[2].numel() < T * S_full:
+        if (held is None or held[0].numel() < 2 * T or held[1].numel() < T * ring
+                or (T > 1 and held[2].numel() < T * S_full)):  # (a single query needs no full mask)
             held = self._view_buffers = (
                 torch.empty(2 * max(T, 8), dtype=torch.int64),
                 torch.empty(max(T, 8) * ring, dtype=torch.bool),

@@ -42,7 +42,10 @@ def huge_buffer(nbytes: int) -> torch.Tensor | None:
 def hold_weights_in_huge_pages(model: torch.nn.Module) -> bool:
     """Move the weights one decode step reads (quant.weight_tensors: a tied table once) into a huge-page buffer,
     in place (each tensor object keeps its identity: ties and references stay), and forget the kernels' cached
-    pointers. CPU models only; returns whether the weights moved."""
+    pointers. CPU models only; returns whether the weights moved.
+
+    All the weights then share one storage: it lives while any of them does (a weight replaced later frees
+    nothing), and saving a single weight with torch.save would write the whole mapping (save state_dict clones)."""
     from .quant import weight_tensors
 
     tensors = [t for t in weight_tensors(model) if t.device.type == "cpu" and t.is_contiguous() and t.numel()]

@@ -72,7 +72,8 @@ static void matmul(const struct gs_weight *w, const float *x, int M, int K, floa
     else if (w->kind == 1)
         gsq_linear_bf16(x, M, K, (const uint16_t *)w->q, w->N, y, nthreads);
     else
-        gsq_linear(w->kind, w->f32, w->blocked, bf16, x, M, K, w->q, w->s, w->b, w->group, w->N, y, nthreads);
+        gsq_linear(w->kind, w->f32, w->blocked, bf16 || w->blocked, x, M, K, w->q, w->s, w->b, w->group, w->N, y,
+                   nthreads);  // (a blocked weight is read by the int8-activation tiles, as QuantizedWeight.linear)
 }
 
 // x_out[T, hidden] = the block applied to x_in. The new tokens' K/V go to cache slots slots[t] of kbuf/vbuf
@@ -151,8 +152,10 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
 // layers (sliding[i] != 0) use the ring view (ring_cap slots, slots_r, S_r, mask_r) and the local RoPE tables,
 // full layers the linear view and the global ones; the views are shared by all layers of a kind. x_in, x_out and
 // scratch are [T, hidden] in the model's dtype; x_out may not be x_in. final_norm (NULL: none) is the model's
-// last RMSNorm, applied to the last block's output as models/gemma3.py's RMSNorm does (bfloat16: from the rounded
-// output, rounded again): in here it costs ~1 us, as three PyTorch ops ~0.25 ms with the caches cold.
+// last RMSNorm, applied to the last block's output (bfloat16: from the rounded output, rounded again) with ops.c's
+// RMSNorm: for a float32 model what models/gemma3.py computes, for a bfloat16 one that path's F.rms_norm up to the
+// last bit of a few values in a million. Every decode and verification step takes this call, so speculation stays
+// exact. In here it costs ~1 us, as three PyTorch ops ~0.25 ms with the caches cold.
 // head (NULL: none; with the final norm) is the LM head: logits[T, head->N] = x_out widened to float32 @ head^T,
 // as models/layers.py lm_logits computes them (the same kernel and values), and best[t] (NULL: none) the first
 // maximum of row t, as torch.argmax, while the logits are still in the cores' caches.

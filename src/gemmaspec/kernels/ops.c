@@ -465,10 +465,11 @@ static int64_t argmax_span(const float *row, int64_t i0, int64_t i1, float *best
 }
 
 void gso_argmax(const float *x, int R, int64_t n, int64_t *out, int nthreads) {
+    if (R <= 0 || n <= 0) return;
     const int chunks = n >= ARGMAX_THREADED_N ? ARGMAX_CHUNKS : 1, tasks = R * chunks;
-    int64_t at[tasks];
-    float best[tasks];
-    int nan[tasks];
+    int64_t *at = (int64_t *)malloc(sizeof(int64_t) * (size_t)tasks);
+    float *best = (float *)malloc(sizeof(float) * (size_t)tasks);
+    int *nan = (int *)malloc(sizeof(int) * (size_t)tasks);
 #pragma omp parallel for schedule(static) num_threads(chunks > 1 ? nthreads : 1)
     for (int task = 0; task < tasks; task++) {
         const int r = task / chunks, c = task % chunks;
@@ -480,6 +481,9 @@ void gso_argmax(const float *x, int R, int64_t n, int64_t *out, int nthreads) {
             if (nan[c] || best[c] > best[w]) w = c;
         out[r] = at[w];
     }
+    free(at);
+    free(best);
+    free(nan);
 }
 
 // ---- a pass over the weights -------------------------------------------------------------------------------

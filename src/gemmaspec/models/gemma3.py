@@ -293,7 +293,12 @@ class Gemma3Model(nn.Module):
             args = kernels.StackArgs(blocks, sliding, cache.keys, cache.values) if usable else None
             # the weights behind the pointers, kept alive even if a block's own argument cache is rebuilt
             holders = [layer.__dict__.get("_block_cache") for layer in self.layers]
+            norm = self.norm.weight
+            if not (norm is not None and norm.dtype == torch.float32 and norm.is_contiguous()
+                    and norm.numel() == self.config.hidden_size):
+                args = None  # the C stack applies the final norm: a float32 [hidden] scale
             head = fast.weight_args(self.lm_head) if self.config.final_logit_softcapping is None else None
+            holders.append(self.lm_head.qweight if self.lm_head.qweight is not None else self.lm_head.weight)
             cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders, head)
         if cached[1] is None or cache.keys[0].dtype != x.dtype:
             return None
@@ -301,7 +306,7 @@ class Gemma3Model(nn.Module):
         if views is None:
             return None
         head = cached[3] if with_head else None
-        logits = torch.empty(x.shape[0], self.config.vocab_size) if head is not None else None
+        logits = torch.empty(x.shape[0], head.N, dtype=torch.float32) if head is not None else None
         best = torch.empty(x.shape[0], dtype=torch.int64) if head is not None else None
         hidden = fast.gemma3_stack(cached[1], x, cos_l, sin_l, cos_f, sin_f, *views, self.norm.weight, self.norm.eps,
                                    head, logits, best)
