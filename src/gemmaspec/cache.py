@@ -14,7 +14,6 @@ the next write. Attention masks are computed once per forward and shared by all 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +63,7 @@ class KVCache:
             shapes += [(spec.n_kv_heads, size, spec.k_dim), (spec.n_kv_heads, size, spec.v_dim)]
         buffers = _kv_buffers(shapes, dtype, self.device)
         self.keys, self.values = buffers[0::2], buffers[1::2]
+        self._windows = {spec.window for spec in specs if spec.window is not None}  # (kernel_views: one at most)
         # Position held by each ring slot (-1 = empty); all sliding layers share one ring geometry.
         self.slot_pos = torch.full((self.ring_size or 1,), -1, dtype=torch.long, device=device)
         # the same memory as numpy: a decode step's few slot writes without a tensor op each (end())
@@ -136,10 +136,9 @@ class KVCache:
         None), the same values as block_target; None where it would give None (or the sliding layers' windows
         differ). The pointers are valid until the next forward."""
         step = self._step
-        windows = {spec.window for spec in self.specs if spec.window is not None}
-        if len(windows) > 1 or not self.keys[0].is_cpu:
+        if len(self._windows) > 1 or not self.keys[0].is_cpu:
             return None
-        window = windows.pop() if windows else None
+        window = next(iter(self._windows), None)
         if window is not None and not self._fits_ring(step, window):
             return None
         T, S_full = step.n_new, step.start + step.n_new
@@ -202,18 +201,11 @@ def _kv_buffers(shapes: list[tuple], dtype: torch.dtype, device: torch.device) -
     """Zeroed K/V buffers; on the CPU carved from one mapping in 2 MB pages (gemmaspec.hugepages): attention reads
     them every step, cold, like the weights (same process, default model in int4: attention 2-3% faster)."""
     if device.type == "cpu":
-        from .hugepages import huge_buffer
+        from .hugepages import huge_tensors
 
-        size = torch.empty((), dtype=dtype).element_size()
-        counts = [math.prod(shape) * size for shape in shapes]
-        padded = [-(-n // 64) * 64 for n in counts]
-        arena = huge_buffer(sum(padded))
-        if arena is not None:  # (an anonymous mapping: zeros)
-            out, at = [], 0
-            for shape, n, p in zip(shapes, counts, padded):
-                out.append(arena[at:at + n].view(dtype).view(shape))
-                at += p
-            return out
+        carved = huge_tensors(shapes, [dtype] * len(shapes))
+        if carved is not None:
+            return carved
     return [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
 
 

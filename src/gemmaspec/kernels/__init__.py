@@ -111,10 +111,10 @@ class Kernels:
         lib.gs_gemma3_block.restype = None
         lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, P, F, P, P,
                                         P, I, I]
+        lib.gs_gemma3_stack.restype = None
         lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
         lib.gso_read_pass.argtypes = [P, P, I, I]
         lib.gso_read_pass.restype = ctypes.c_uint64
-        lib.gs_gemma3_stack.restype = None
         for fn in (lib.gsq_linear_f32, lib.gsq_linear_bf16, lib.gso_rms_norm, lib.gso_qk_norm_rope, lib.gso_attention,
                    lib.gso_gelu_mul, lib.gso_argmax, lib.gso_step_views):
             fn.restype = None
