@@ -181,7 +181,7 @@ class Engine:
                     finish = "length"
                     break
             if finish is not None and not cut_at_stop_string:
-                decoder.text = self.tokenizer.decode(decoder.ids)  # flush a trailing partial character
+                decoder.flush()  # a trailing partial character
             delta = decoder.text[len(emitted_text):]
             emitted_text = decoder.text
             if finish is not None:

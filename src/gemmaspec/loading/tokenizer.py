@@ -88,20 +88,45 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas without splitting multi-byte characters."""
+    """Turns a growing list of token ids into text deltas without splitting multi-byte characters.
+
+    Each add decodes only a window from the last few tokens (as vLLM's detokenizer does): the text of
+    ids[prefix:] beyond that of ids[prefix:read], so a step costs the same at token 5000 as at token 5 (decoding
+    every id each step cost ~0.1 ms a step at 64 tokens, with the caches cold after a decode step, and grew with
+    the text). The window starts a token before the new ones, so a tokenizer that drops a leading space
+    does so in both texts alike. `text` is the deltas so far; `flush()` replaces it by a decode of every id."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = self._read = 0  # ids[_prefix:_read] became text already; ids[_read:] not yet
 
     def add(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        new_text = self.tokenizer.decode(self.ids[self._prefix:])
+        if new_text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
+        prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        if "\ufffd" in new_text or not new_text.startswith(prefix_text):
+            # invalid bytes (a window may start inside their sequence) or a text that is not an extension of the
+            # window's: decode everything, as every step once did
+            return self._restart(self.tokenizer.decode(self.ids))
+        delta = new_text[len(prefix_text):]
+        if delta:  # (a token without text, e.g. a special one, waits in the window)
+            self.text += delta
+            self._prefix, self._read = self._read, len(self.ids)
+        return delta
+
+    def flush(self) -> str:
+        """`text` as a decode of every id (the end of a generation: a trailing partial character shows as
+        U+FFFD); returns the change, as add."""
+        return self._restart(self.tokenizer.decode(self.ids))
+
+    def _restart(self, text: str) -> str:
         delta = text[len(self.text):] if text.startswith(self.text) else text
         self.text = text
+        self._prefix, self._read = max(len(self.ids) - 1, 0), len(self.ids)
         return delta
 
 
