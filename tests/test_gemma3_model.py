@@ -149,6 +149,48 @@ def test_forward_logits_equal_forward_then_logits(tiny_gemma3_dir, dtype, weight
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
+@pytest.mark.parametrize("dtype,weights", [("float32", "float"), ("float32", "bf16"), ("float32", "int8"),
+                                           ("bfloat16", "bf16"), ("bfloat16", "int8"), ("bfloat16", "int4")])
+def test_embedding_in_the_c_stack_equals_the_lookup(tiny_gemma3_dir, dtype, weights, monkeypatch):
+    """A step's embedding rows computed inside the C block stack's call (ids as a list or a tensor) give bit for bit
+    the outputs of the model's own lookup (embed_tokens[ids] * sqrt(hidden)) passed to that call; an id outside
+    the table is an IndexError."""
+    from gemmaspec.loading import load_model
+
+    model = load_model(str(tiny_gemma3_dir), dtype=dtype, device="cpu", weights=weights).model
+    calls = _spy_on_c_blocks(monkeypatch)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (50,))
+    ids[12] = 95  # the table's first and last rows
+    ids[13] = 0
+    runs = []
+    for c_embedding in (True, False):
+        if not c_embedding:  # the table's kernel view withheld: the stack takes the looked-up rows
+            matrix_args = kernels.Kernels.matrix_args
+            monkeypatch.setattr(kernels.Kernels, "weight_args",
+                                lambda self, lin: matrix_args(self, lin.qweight if lin.qweight is not None else lin.weight))
+            monkeypatch.setattr(kernels.Kernels, "matrix_args", lambda self, w: None)
+        cache, outs = model.new_cache(128, spec_margin=8), []
+        with torch.inference_mode():
+            model(ids[:10], cache)
+            at = 10
+            for n in [1, 1, 4, 3, 1, 5, 2, 6, 1]:
+                step = ids[at:at + n].tolist() if c_embedding else ids[at:at + n]
+                outs.append(model.forward_logits(step, cache))
+                at += n
+                if n > 2:
+                    at -= 2
+                    cache.rollback(at)
+            if c_embedding:
+                with pytest.raises(IndexError, match="out of range"):
+                    model.forward_logits([3, 96], cache)
+        runs.append(outs)
+    assert "stack" in calls
+    for (h, lg, best), (ref_h, ref_lg, ref_best) in zip(*runs):
+        assert torch.equal(h, ref_h) and torch.equal(lg, ref_lg) and best == ref_best
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_fused_block_kernel_in_bfloat16(tiny_gemma3_dir, weights, monkeypatch):
     """A bfloat16 model's decode steps also run in the C block (x and the KV cache in bfloat16, computed in

@@ -109,9 +109,9 @@ class Kernels:
         lib.gso_argmax.argtypes = [P, I, I64, P, I]
         lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I, I]
         lib.gs_gemma3_block.restype = None
-        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P, P, F, P, P,
-                                        P, I, I]
-        lib.gs_gemma3_stack.restype = None
+        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, F, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P,
+                                        P, F, P, P, P, I, I]
+        lib.gs_gemma3_stack.restype = I
         lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
         lib.gso_read_pass.argtypes = [P, P, I, I]
         lib.gso_read_pass.restype = ctypes.c_uint64
@@ -190,7 +190,11 @@ class Kernels:
 
     def weight_args(self, linear) -> WeightArgs | None:
         """The kernel's view of a Linear's weight (float32, bfloat16, int8 / int4 on the CPU), or None."""
-        w = linear.qweight if linear.qweight is not None else linear.weight
+        return self.matrix_args(linear.qweight if linear.qweight is not None else linear.weight)
+
+    def matrix_args(self, w) -> WeightArgs | None:
+        """The kernel's view of a weight matrix or embedding table: a QuantizedWeight, a BF16Weight or a float32 /
+        bfloat16 tensor [N, K] on the CPU; None for anything else."""
         if hasattr(w, "kernel_args"):  # quant.formats.QuantizedWeight
             bits, f32, blocked, q, scales, bias, group, N = w.kernel_args()
             if not w.q.is_cpu or group > self.max_group:
@@ -216,20 +220,25 @@ class Kernels:
 
     def gemma3_stack(self, layers: "StackArgs", x: torch.Tensor, cos_l, sin_l, cos_f, sin_f, ring, full,
                      final_norm: torch.Tensor | None = None, final_eps: float = 0.0, head: WeightArgs | None = None,
-                     logits: torch.Tensor | None = None, best: torch.Tensor | None = None) -> torch.Tensor:
+                     logits: torch.Tensor | None = None, best: torch.Tensor | None = None,
+                     ids=None, embed: WeightArgs | None = None, embed_scale: float = 1.0) -> torch.Tensor:
         """Every block in one call (block.c gs_gemma3_stack), then the model's last RMSNorm (float32 weight) when
         given, and with it the LM head `head` into `logits` (float32 [T, N]) and their argmax into `best` (int64
         [T]) when given: `ring` / `full` are the (buffer capacity, slots pointer, S, mask pointer) views of
-        cache.kernel_views for the sliding and the full layers (None where the model has no such layer)."""
+        cache.kernel_views for the sliding and the full layers (None where the model has no such layer).
+        With `ids` (a ctypes int64 array of x's T rows) x is written first: those rows of the embedding table
+        `embed` times embed_scale (IndexError for an id outside the table)."""
         out, scratch = torch.empty_like(x), torch.empty_like(x)
         views = []
         for view in (ring, full):
             views += [0, None, 0, None] if view is None else view
-        self.lib.gs_gemma3_stack(layers.n, layers.blocks, layers.sliding, layers.kbufs, layers.vbufs, x.data_ptr(),
-                                 out.data_ptr(), scratch.data_ptr(), x.shape[0], cos_l.data_ptr(), sin_l.data_ptr(),
-                                 cos_f.data_ptr(), sin_f.data_ptr(), *views, _ptr(final_norm), final_eps,
-                                 None if head is None else ctypes.addressof(head), _ptr(logits), _ptr(best),
-                                 int(x.dtype == torch.bfloat16), torch.get_num_threads())
+        if self.lib.gs_gemma3_stack(layers.n, layers.blocks, layers.sliding, layers.kbufs, layers.vbufs, ids,
+                                    None if embed is None else ctypes.addressof(embed), embed_scale, x.data_ptr(),
+                                    out.data_ptr(), scratch.data_ptr(), x.shape[0], cos_l.data_ptr(), sin_l.data_ptr(),
+                                    cos_f.data_ptr(), sin_f.data_ptr(), *views, _ptr(final_norm), final_eps,
+                                    None if head is None else ctypes.addressof(head), _ptr(logits), _ptr(best),
+                                    int(x.dtype == torch.bfloat16), torch.get_num_threads()):
+            raise IndexError(f"embedding row out of range [0, {embed.N})")
         return out
 
     def step_views(self, slot_pos: torch.Tensor | None, ring: int, window: int, start: int, T: int, slots_r,

@@ -28,6 +28,8 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
                    int nthreads);
 void gso_gelu_mul(const float *gu, int T, int I, float *out);
 void gso_argmax(const float *x, int R, int64_t n, int64_t *out, int nthreads);
+int gsq_rows(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K, int g, int64_t N,
+             const int64_t *ids, int64_t R, void *out, int out_bf16);
 
 // A weight as the matmul kernels take it (kernels/__init__.py builds these).
 struct gs_weight {
@@ -147,6 +149,34 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
     PHASE(PH_OTHER);
 }
 
+// x[T, K] (the model's dtype: bfloat16 when bf16) = rows ids of the embedding table e (K = its row length) times
+// scale, as models/gemma3.py's embed computes them: each row in the model's dtype (dequantized or widened), then
+// multiplied by scale (sqrt(hidden) in that dtype) and rounded to it once. -1 for an id outside the table.
+static int embed_rows(const struct gs_weight *e, int K, const int64_t *ids, int T, float scale, void *x, int bf16) {
+    if (e->kind == 4 || e->kind == 8) {
+        if (gsq_rows(e->kind, e->f32, e->blocked, e->q, e->s, e->b, K, e->group, e->N, ids, T, x, bf16)) return -1;
+    } else {
+        for (int t = 0; t < T; t++) {
+            if (ids[t] < 0 || ids[t] >= e->N) return -1;
+            for (int i = 0; i < K; i++) {
+                const size_t at = (size_t)ids[t] * K + i;
+                const float v = e->kind == 0 ? ((const float *)e->q)[at] : bf16_to_f32(((const uint16_t *)e->q)[at]);
+                if (bf16)
+                    ((uint16_t *)x)[(size_t)t * K + i] = f32_to_bf16(v);
+                else
+                    ((float *)x)[(size_t)t * K + i] = v;
+            }
+        }
+    }
+    for (size_t i = 0; i < (size_t)T * K; i++) {  // a float32 product of two bfloat16 values is exact: one rounding
+        if (bf16)
+            ((uint16_t *)x)[i] = f32_to_bf16(bf16_to_f32(((uint16_t *)x)[i]) * scale);
+        else
+            ((float *)x)[i] *= scale;
+    }
+    return 0;
+}
+
 // Every block of the model for one decode / verification step in one call: the Python around each block's call
 // cost ~85 us (~1.5 ms of a ~13 ms step at 18 layers). Layer i has K/V buffers kbufs[i] / vbufs[i]; sliding
 // layers (sliding[i] != 0) use the ring view (ring_cap slots, slots_r, S_r, mask_r) and the local RoPE tables,
@@ -159,12 +189,17 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
 // head (NULL: none; with the final norm) is the LM head: logits[T, head->N] = x_out widened to float32 @ head^T,
 // as models/layers.py lm_logits computes them (the same kernel and values), and best[t] (NULL: none) the first
 // maximum of row t, as torch.argmax, while the logits are still in the cores' caches.
-void gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const uint8_t *sliding, void *const *kbufs,
-                     void *const *vbufs, const void *x_in, void *x_out, void *scratch, int T, const float *cos_l,
+// ids (NULL: none) are the step's tokens: x_in is then first filled with their rows of the embedding table embed
+// (embed_rows above; ~0.1 ms of Python and PyTorch a step with the caches cold). Returns -1 (and computes nothing)
+// for an id outside the table, else 0.
+int gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const uint8_t *sliding, void *const *kbufs,
+                     void *const *vbufs, const int64_t *ids, const struct gs_weight *embed, float embed_scale,
+                     void *x_in, void *x_out, void *scratch, int T, const float *cos_l,
                      const float *sin_l, const float *cos_f, const float *sin_f, int64_t ring_cap,
                      const int64_t *slots_r, int S_r, const uint8_t *mask_r, int64_t full_cap, const int64_t *slots_f,
                      int S_f, const uint8_t *mask_f, const float *final_norm, float final_eps,
                      const struct gs_weight *head, float *logits, int64_t *best, int bf16, int nthreads) {
+    if (ids && n > 0 && embed_rows(embed, blocks[0]->hidden, ids, T, embed_scale, x_in, bf16)) return -1;
     const void *in = x_in;
     for (int i = 0; i < n; i++) {
         void *out = (n - 1 - i) % 2 == 0 ? x_out : scratch;  // the last block writes x_out
@@ -176,7 +211,7 @@ void gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const u
                             bf16, nthreads);
         in = out;
     }
-    if (final_norm == NULL || n == 0) return;
+    if (final_norm == NULL || n == 0) return 0;
     const int H = blocks[0]->hidden;
     float *normed = (float *)x_out;  // the rows as float32: the head's input
     if (!bf16) {
@@ -196,4 +231,5 @@ void gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const u
         if (best) gso_argmax(logits, T, head->N, best, nthreads);
     }
     if (bf16) free(normed);
+    return 0;
 }

@@ -7,6 +7,7 @@ For speed q/k/v and gate/up projections are fused into one matmul each.
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from dataclasses import dataclass, field
 
@@ -98,9 +99,13 @@ class Gemma3Config:
 def _fits_c_block(fast, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
     """Whether a forward can run in kernels/block.c: the kernels are built (`fast`), x [T, hidden] is a decode or
     verification step, contiguous, and the RoPE tables are float32 [T, head_dim]."""
-    return (fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous()
-            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
-            and cos.shape == (x.shape[0], head_dim))
+    return x.dim() == 2 and x.is_contiguous() and _fits_c_step(fast, x.shape[0], cos, sin, head_dim)
+
+
+def _fits_c_step(fast, T: int, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
+    """_fits_c_block for a step of T tokens, before its embeddings exist."""
+    return (fast is not None and 0 < T <= kernels.MAX_ROWS and cos.dtype == sin.dtype == torch.float32
+            and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (T, head_dim))
 
 
 class Gemma3Block(nn.Module):
@@ -237,11 +242,12 @@ class Gemma3Model(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[input_ids] * embed_scale(self.config.hidden_size, self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run tokens [T] at the cache's next positions; returns final-normed hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor | list[int], cache: KVCache) -> torch.Tensor:
+        """Run tokens [T] (a tensor or a list of ids) at the cache's next positions; returns final-normed hidden
+        states [T, hidden]."""
         return self._forward(input_ids, cache, with_head=False)[0]
 
-    def forward_logits(self, input_ids: torch.Tensor, cache: KVCache):
+    def forward_logits(self, input_ids: torch.Tensor | list[int], cache: KVCache):
         """forward() and logits() at once: (hidden [T, hidden], float32 logits [T, vocab], each row's greedy token
         as a list, or None where not computed). A decode or verification step on the CPU computes the LM head and
         its argmax in the C block stack's call, the same kernel and values as logits() and torch.argmax (~0.25 ms
@@ -249,14 +255,14 @@ class Gemma3Model(nn.Module):
         hidden, logits, best = self._forward(input_ids, cache, with_head=True)
         return (hidden, self.logits(hidden), None) if logits is None else (hidden, logits, best)
 
-    def _forward(self, input_ids: torch.Tensor, cache: KVCache, with_head: bool):
-        start, n = cache.length, input_ids.shape[0]
+    def _forward(self, input_ids: torch.Tensor | list[int], cache: KVCache, with_head: bool):
+        start, n = cache.length, len(input_ids)
         cache.begin(n, positions=False)
         cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
         cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
-        x = self.embed(input_ids)
-        out = self._stack(x, cache, cos_l, sin_l, cos_f, sin_f, with_head)  # (with the final norm)
+        out = self._stack(input_ids, cache, cos_l, sin_l, cos_f, sin_f, with_head)  # (with the final norm)
         if out is None:
+            x = self.embed(torch.as_tensor(input_ids, device=self.embed_tokens.device))
             for i, layer in enumerate(self.layers):
                 x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)
             out = self.norm(x), None, None
@@ -274,14 +280,16 @@ class Gemma3Model(nn.Module):
         self.__dict__.pop("_stack_cache", None)  # tensors move (`.to()`): the next forward rebuilds the arguments
         return super()._apply(fn, *args, **kwargs)
 
-    def _stack(self, x, cache: KVCache, cos_l, sin_l, cos_f, sin_f, with_head: bool):
-        """Every block and the final norm in one C call (kernels/block.c gs_gemma3_stack: each block exactly as
-        Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and verification steps:
-        (hidden, logits, greedy tokens), the last two None unless with_head and the head can go in that call
-        (logits() takes the same kernel: no final soft-capping). None where a block cannot take the C path."""
-        fast = fused_ops(x, (torch.float32, torch.bfloat16))
-        head_dim = self.config.head_dim
-        if not (_fits_c_block(fast, x, cos_l, sin_l, head_dim) and _fits_c_block(fast, x, cos_f, sin_f, head_dim)):
+    def _stack(self, input_ids, cache: KVCache, cos_l, sin_l, cos_f, sin_f, with_head: bool):
+        """The embeddings, every block and the final norm in one C call (kernels/block.c gs_gemma3_stack: each
+        block exactly as Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and
+        verification steps: (hidden, logits, greedy tokens), the last two None unless with_head and the head can go
+        in that call (logits() takes the same kernel: no final soft-capping). None where a block cannot take the C
+        path."""
+        table = self.embed_tokens
+        fast = fused_ops(table, (torch.float32, torch.bfloat16))
+        head_dim, n = self.config.head_dim, len(input_ids)
+        if not (_fits_c_step(fast, n, cos_l, sin_l, head_dim) and _fits_c_step(fast, n, cos_f, sin_f, head_dim)):
             return None
         cached = self.__dict__.get("_stack_cache")
         if cached is None or cached[0]() is not cache:
@@ -299,17 +307,26 @@ class Gemma3Model(nn.Module):
                 args = None  # the C stack applies the final norm: a float32 [hidden] scale
             head = fast.weight_args(self.lm_head) if self.config.final_logit_softcapping is None else None
             holders.append(self.lm_head.qweight if self.lm_head.qweight is not None else self.lm_head.weight)
-            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders, head)
-        if cached[1] is None or cache.keys[0].dtype != x.dtype:
+            # the embedding lookup in the same call, where the C kernel reads the table
+            embed = fast.matrix_args(table)
+            scale = float(embed_scale(self.config.hidden_size, self.dtype))
+            holders.append(table)
+            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders, head, embed, scale)
+        if cached[1] is None or cache.keys[0].dtype != self.dtype:
             return None
         views = cache.kernel_views(fast)
         if views is None:
             return None
-        head = cached[3] if with_head else None
-        logits = torch.empty(x.shape[0], head.N, dtype=torch.float32) if head is not None else None
-        best = torch.empty(x.shape[0], dtype=torch.int64) if head is not None else None
+        head, embed = cached[3] if with_head else None, cached[4]
+        if embed is not None:
+            ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+            ids, x = (ctypes.c_int64 * n)(*ids), torch.empty(n, self.config.hidden_size, dtype=self.dtype)
+        else:
+            ids, x = None, self.embed(torch.as_tensor(input_ids, device=table.device)).contiguous()
+        logits = torch.empty(n, head.N, dtype=torch.float32) if head is not None else None
+        best = torch.empty(n, dtype=torch.int64) if head is not None else None
         hidden = fast.gemma3_stack(cached[1], x, cos_l, sin_l, cos_f, sin_f, *views, self.norm.weight, self.norm.eps,
-                                   head, logits, best)
+                                   head, logits, best, ids, embed, cached[5])
         return hidden, logits, None if best is None else best.tolist()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
