@@ -201,7 +201,7 @@ class Engine:
                 draft_seconds = time.perf_counter() - t
                 stats.draft_seconds += draft_seconds
             t = time.perf_counter()
-            hidden, logits, best = _forward_logits(model, [tokens[-1]] + draft_tokens, cache)
+            hidden, logits, best = _forward_logits(model, [tokens[-1]] + draft_tokens, cache, not params.greedy)
             n_accepted, next_token = verify(logits, draft_tokens, draft_probs, params, generator, greedy=best)
             cache.rollback(cache.length - (len(draft_tokens) - n_accepted))
             last_hidden = hidden[n_accepted]
@@ -226,12 +226,13 @@ class Engine:
         yield StreamChunk(delta, step_ids, result)
 
 
-def _forward_logits(model, input_ids: list[int], cache):
+def _forward_logits(model, input_ids: list[int], cache, need_logits: bool):
     """(hidden, logits, greedy tokens or None) of a target pass: in one call where the model has one (Gemma 3 on
-    the CPU embeds the ids and computes the LM head and its argmax inside its C block stack)."""
+    the CPU embeds the ids and computes the LM head and its argmax inside its C block stack; without need_logits
+    it may return None for the logits with the greedy tokens)."""
     fused = getattr(model, "forward_logits", None)
     if fused is not None:
-        return fused(input_ids, cache)
+        return fused(input_ids, cache, logits=need_logits)
     hidden = model(torch.tensor(input_ids, device=cache.device), cache)
     return hidden, model.logits(hidden), None
 

@@ -69,16 +69,43 @@ class Gemma3BlockArgs(ctypes.Structure):
                 *[(name, ctypes.c_int) for name in ("hidden", "n_q", "n_kv", "head_dim", "inter")]]
 
 
-class StackArgs:
-    """gs_gemma3_stack's per-layer arrays: block argument pointers, sliding flags, K/V buffer pointers."""
+class StackStep(ctypes.Structure):
+    """struct gs_gemma3_step of block.c: gs_gemma3_stack's arguments, kept between steps and updated in place."""
+    _fields_ = [("n", ctypes.c_int), *[(name, ctypes.c_void_p) for name in ("blocks", "sliding", "kbufs", "vbufs",
+                                                                            "ids", "embed")],
+                ("embed_scale", ctypes.c_float), *[(name, ctypes.c_void_p) for name in ("x_in", "x_out", "scratch")],
+                ("T", ctypes.c_int), *[(name, ctypes.c_void_p) for name in ("cos_l", "sin_l", "cos_f", "sin_f")],
+                ("ring_cap", ctypes.c_int64), ("slots_r", ctypes.c_void_p), ("S_r", ctypes.c_int),
+                ("mask_r", ctypes.c_void_p), ("full_cap", ctypes.c_int64), ("slots_f", ctypes.c_void_p),
+                ("S_f", ctypes.c_int), ("mask_f", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
+                ("final_eps", ctypes.c_float), *[(name, ctypes.c_void_p) for name in ("head", "logits", "best")],
+                ("bf16", ctypes.c_int), ("nthreads", ctypes.c_int)]
 
-    def __init__(self, blocks: list, sliding: list[bool], keys: list[torch.Tensor], values: list[torch.Tensor]):
-        n = self.n = len(blocks)
-        self.refs = blocks  # the K/V buffers are the cache's: use these only while that cache lives
-        self.blocks = (ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in blocks])
-        self.sliding = (ctypes.c_uint8 * n)(*[int(s) for s in sliding])
-        self.kbufs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in keys])
-        self.vbufs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in values])
+
+class StackCall:
+    """A model's blocks prepared for gs_gemma3_stack over one KV cache: the layers' arguments, the embedding table
+    (None: each step passes its embedded rows), the final RMSNorm (float32 weight) and the LM head (None: none) set
+    once, in a StackStep that each step updates in place (Kernels.gemma3_stack): one pointer per call where ~30
+    converted ctypes arguments, ~15 small tensors and their checks cost a step ~0.2 ms with the caches cold."""
+
+    def __init__(self, blocks: list, sliding: list[bool], keys: list[torch.Tensor], values: list[torch.Tensor],
+                 dtype: torch.dtype, final_norm: torch.Tensor, final_eps: float, head: WeightArgs | None,
+                 embed: WeightArgs | None, embed_scale: float):
+        n, hidden = len(blocks), blocks[0].hidden
+        self.refs = (blocks, keys, values, final_norm, head, embed)  # what the pointers point into
+        self.arrays = [(ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in blocks]),
+                       (ctypes.c_uint8 * n)(*[int(s) for s in sliding]),
+                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in keys]),
+                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in values])]
+        self.ids, self.best = (ctypes.c_int64 * MAX_ROWS)(), (ctypes.c_int64 * MAX_ROWS)()
+        self.x_in, self.scratch = torch.empty(MAX_ROWS, hidden, dtype=dtype), torch.empty(MAX_ROWS, hidden, dtype=dtype)
+        self.logits = None  # the head's logits where the caller wants only their argmax (grown to the largest T)
+        self.dtype, self.hidden, self.head, self.has_table = dtype, hidden, head, embed is not None
+        self.step = StackStep(n, *map(ctypes.addressof, self.arrays), None,
+                              None if embed is None else ctypes.addressof(embed), embed_scale,
+                              scratch=self.scratch.data_ptr(), final_norm=final_norm.data_ptr(), final_eps=final_eps,
+                              bf16=int(dtype == torch.bfloat16))
+        self.step_ptr = ctypes.byref(self.step)
 
 
 class Kernels:
@@ -109,9 +136,8 @@ class Kernels:
         lib.gso_argmax.argtypes = [P, I, I64, P, I]
         lib.gs_gemma3_block.argtypes = [P, P, P, I, P, P, P, P, I64, P, I, P, I, I]
         lib.gs_gemma3_block.restype = None
-        lib.gs_gemma3_stack.argtypes = [I, P, P, P, P, P, P, F, P, P, P, I, P, P, P, P, I64, P, I, P, I64, P, I, P,
-                                        P, F, P, P, P, I, I]
-        lib.gs_gemma3_stack.restype = I
+        lib.gs_gemma3_step.argtypes = [P]
+        lib.gs_gemma3_step.restype = I
         lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
         lib.gso_read_pass.argtypes = [P, P, I, I]
         lib.gso_read_pass.restype = ctypes.c_uint64
@@ -218,28 +244,39 @@ class Kernels:
                                  S, _ptr(mask), int(x.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
-    def gemma3_stack(self, layers: "StackArgs", x: torch.Tensor, cos_l, sin_l, cos_f, sin_f, ring, full,
-                     final_norm: torch.Tensor | None = None, final_eps: float = 0.0, head: WeightArgs | None = None,
-                     logits: torch.Tensor | None = None, best: torch.Tensor | None = None,
-                     ids=None, embed: WeightArgs | None = None, embed_scale: float = 1.0) -> torch.Tensor:
-        """Every block in one call (block.c gs_gemma3_stack), then the model's last RMSNorm (float32 weight) when
-        given, and with it the LM head `head` into `logits` (float32 [T, N]) and their argmax into `best` (int64
-        [T]) when given: `ring` / `full` are the (buffer capacity, slots pointer, S, mask pointer) views of
-        cache.kernel_views for the sliding and the full layers (None where the model has no such layer).
-        With `ids` (a ctypes int64 array of x's T rows) x is written first: those rows of the embedding table
-        `embed` times embed_scale (IndexError for an id outside the table)."""
-        out, scratch = torch.empty_like(x), torch.empty_like(x)
-        views = []
-        for view in (ring, full):
-            views += [0, None, 0, None] if view is None else view
-        if self.lib.gs_gemma3_stack(layers.n, layers.blocks, layers.sliding, layers.kbufs, layers.vbufs, ids,
-                                    None if embed is None else ctypes.addressof(embed), embed_scale, x.data_ptr(),
-                                    out.data_ptr(), scratch.data_ptr(), x.shape[0], cos_l.data_ptr(), sin_l.data_ptr(),
-                                    cos_f.data_ptr(), sin_f.data_ptr(), *views, _ptr(final_norm), final_eps,
-                                    None if head is None else ctypes.addressof(head), _ptr(logits), _ptr(best),
-                                    int(x.dtype == torch.bfloat16), torch.get_num_threads()):
-            raise IndexError(f"embedding row out of range [0, {embed.N})")
-        return out
+    def gemma3_stack(self, call: StackCall, ids: list[int] | None, x: torch.Tensor | None, cos_l: int, sin_l: int,
+                     cos_f: int, sin_f: int, ring, full, with_head: bool, want_logits: bool = True) -> tuple:
+        """A step's T tokens through every block in one call (block.c gs_gemma3_stack), then the model's last
+        RMSNorm, and with_head (where `call` has a head) the LM head's float32 logits [T, N] and their argmax:
+        (hidden [T, hidden], logits or None, greedy tokens as a list or None); want_logits=False keeps the logits
+        in a buffer of `call` (None returned). The rows come from `ids` (a list, embedded in the call: `call` has
+        the table; IndexError for an id outside it) or are `x` [T, hidden] (contiguous, the model's dtype).
+        cos/sin: the addresses of float32 RoPE rows [T, head_dim]; `ring` / `full` are the (buffer capacity, slots
+        pointer, S, mask pointer) views of cache.kernel_views for the sliding and the full layers (None where the
+        model has no such layer)."""
+        step, T = call.step, len(ids) if ids is not None else x.shape[0]
+        if ids is not None:
+            call.ids[:T] = ids
+            step.ids, step.x_in = ctypes.addressof(call.ids), call.x_in.data_ptr()
+        else:
+            step.ids, step.x_in = None, x.data_ptr()
+        out = torch.empty(T, call.hidden, dtype=call.dtype)
+        head = call.head if with_head else None
+        logits = None
+        if head is not None:
+            if want_logits:
+                logits = torch.empty(T, head.N, dtype=torch.float32)
+            elif call.logits is None or call.logits.shape[0] < T:
+                call.logits = torch.empty(T, head.N, dtype=torch.float32)
+            step.logits, step.best = (logits if want_logits else call.logits).data_ptr(), ctypes.addressof(call.best)
+        step.x_out, step.T, step.cos_l, step.sin_l, step.cos_f, step.sin_f = out.data_ptr(), T, cos_l, sin_l, cos_f, sin_f
+        step.ring_cap, step.slots_r, step.S_r, step.mask_r = ring if ring is not None else (0, None, 0, None)
+        step.full_cap, step.slots_f, step.S_f, step.mask_f = full if full is not None else (0, None, 0, None)
+        step.head = None if head is None else ctypes.addressof(head)
+        step.nthreads = torch.get_num_threads()
+        if self.lib.gs_gemma3_step(call.step_ptr):
+            raise IndexError(f"embedding row out of range [0, {call.refs[5].N})")
+        return out, logits, None if head is None else call.best[:T]
 
     def step_views(self, slot_pos: torch.Tensor | None, ring: int, window: int, start: int, T: int, slots_r,
                    mask_r, slots_f, mask_f) -> None:

@@ -7,7 +7,6 @@ For speed q/k/v and gate/up projections are fused into one matmul each.
 
 from __future__ import annotations
 
-import ctypes
 import weakref
 from dataclasses import dataclass, field
 
@@ -99,13 +98,9 @@ class Gemma3Config:
 def _fits_c_block(fast, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
     """Whether a forward can run in kernels/block.c: the kernels are built (`fast`), x [T, hidden] is a decode or
     verification step, contiguous, and the RoPE tables are float32 [T, head_dim]."""
-    return x.dim() == 2 and x.is_contiguous() and _fits_c_step(fast, x.shape[0], cos, sin, head_dim)
-
-
-def _fits_c_step(fast, T: int, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
-    """_fits_c_block for a step of T tokens, before its embeddings exist."""
-    return (fast is not None and 0 < T <= kernels.MAX_ROWS and cos.dtype == sin.dtype == torch.float32
-            and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (T, head_dim))
+    return (fast is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous()
+            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == (x.shape[0], head_dim))
 
 
 class Gemma3Block(nn.Module):
@@ -247,21 +242,25 @@ class Gemma3Model(nn.Module):
         states [T, hidden]."""
         return self._forward(input_ids, cache, with_head=False)[0]
 
-    def forward_logits(self, input_ids: torch.Tensor | list[int], cache: KVCache):
+    def forward_logits(self, input_ids: torch.Tensor | list[int], cache: KVCache, logits: bool = True):
         """forward() and logits() at once: (hidden [T, hidden], float32 logits [T, vocab], each row's greedy token
         as a list, or None where not computed). A decode or verification step on the CPU computes the LM head and
         its argmax in the C block stack's call, the same kernel and values as logits() and torch.argmax (~0.25 ms
-        of Python and a pass over cold logits fewer a step)."""
-        hidden, logits, best = self._forward(input_ids, cache, with_head=True)
-        return (hidden, self.logits(hidden), None) if logits is None else (hidden, logits, best)
+        of Python and a pass over cold logits fewer a step); there logits=False (greedy decoding) returns None for
+        the logits, which then stay in a buffer of the call."""
+        hidden, head_logits, best = self._forward(input_ids, cache, with_head=True, want_logits=logits)
+        if best is None:
+            return hidden, self.logits(hidden), None
+        return hidden, head_logits, best
 
-    def _forward(self, input_ids: torch.Tensor | list[int], cache: KVCache, with_head: bool):
+    def _forward(self, input_ids: torch.Tensor | list[int], cache: KVCache, with_head: bool,
+                 want_logits: bool = True):
         start, n = cache.length, len(input_ids)
         cache.begin(n, positions=False)
-        cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
-        cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
-        out = self._stack(input_ids, cache, cos_l, sin_l, cos_f, sin_f, with_head)  # (with the final norm)
+        out = self._stack(input_ids, cache, start, n, with_head, want_logits)  # (with the final norm)
         if out is None:
+            cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
+            cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
             x = self.embed(torch.as_tensor(input_ids, device=self.embed_tokens.device))
             for i, layer in enumerate(self.layers):
                 x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)
@@ -280,54 +279,59 @@ class Gemma3Model(nn.Module):
         self.__dict__.pop("_stack_cache", None)  # tensors move (`.to()`): the next forward rebuilds the arguments
         return super()._apply(fn, *args, **kwargs)
 
-    def _stack(self, input_ids, cache: KVCache, cos_l, sin_l, cos_f, sin_f, with_head: bool):
+    def _stack(self, input_ids, cache: KVCache, start: int, n: int, with_head: bool, want_logits: bool):
         """The embeddings, every block and the final norm in one C call (kernels/block.c gs_gemma3_stack: each
         block exactly as Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and
         verification steps: (hidden, logits, greedy tokens), the last two None unless with_head and the head can go
-        in that call (logits() takes the same kernel: no final soft-capping). None where a block cannot take the C
-        path."""
+        in that call (logits() takes the same kernel: no final soft-capping; logits None unless want_logits). None
+        where a block cannot take the C path. A step here runs few Python lines: with the caches cold after the
+        previous step each costs microseconds."""
         table = self.embed_tokens
-        fast = fused_ops(table, (torch.float32, torch.bfloat16))
-        head_dim, n = self.config.head_dim, len(input_ids)
-        if not (_fits_c_step(fast, n, cos_l, sin_l, head_dim) and _fits_c_step(fast, n, cos_f, sin_f, head_dim)):
-            return None
         cached = self.__dict__.get("_stack_cache")
         if cached is None or cached[0]() is not cache:
-            # Built and checked once per cache: weights do not change while one is in use (a generation), and
-            # gathering 18 blocks' arguments each step cost ~0.4 ms of Python.
-            blocks = [layer._block_args(fast) for layer in self.layers]
-            sliding = [layer.sliding for layer in self.layers]  # the C loop picks RoPE and cache view by this flag
-            usable = all(b is not None for b in blocks) and sliding == [s.window is not None for s in cache.specs]
-            args = kernels.StackArgs(blocks, sliding, cache.keys, cache.values) if usable else None
-            # the weights behind the pointers, kept alive even if a block's own argument cache is rebuilt
-            holders = [layer.__dict__.get("_block_cache") for layer in self.layers]
-            norm = self.norm.weight
-            if not (norm is not None and norm.dtype == torch.float32 and norm.is_contiguous()
-                    and norm.numel() == self.config.hidden_size):
-                args = None  # the C stack applies the final norm: a float32 [hidden] scale
-            head = fast.weight_args(self.lm_head) if self.config.final_logit_softcapping is None else None
-            holders.append(self.lm_head.qweight if self.lm_head.qweight is not None else self.lm_head.weight)
-            # the embedding lookup in the same call, where the C kernel reads the table
-            embed = fast.matrix_args(table)
-            scale = float(embed_scale(self.config.hidden_size, self.dtype))
-            holders.append(table)
-            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), args, holders, head, embed, scale)
-        if cached[1] is None or cache.keys[0].dtype != self.dtype:
+            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), *self._stack_call(cache))
+        call, fast = cached[1], kernels.load()
+        if call is None or fast is None or not 0 < n <= kernels.MAX_ROWS or torch.is_grad_enabled():
             return None
         views = cache.kernel_views(fast)
         if views is None:
             return None
-        head, embed = cached[3] if with_head else None, cached[4]
-        if embed is not None:
-            ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
-            ids, x = (ctypes.c_int64 * n)(*ids), torch.empty(n, self.config.hidden_size, dtype=self.dtype)
+        if call.has_table:
+            ids, x = (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids), None
         else:
             ids, x = None, self.embed(torch.as_tensor(input_ids, device=table.device)).contiguous()
-        logits = torch.empty(n, head.N, dtype=torch.float32) if head is not None else None
-        best = torch.empty(n, dtype=torch.int64) if head is not None else None
-        hidden = fast.gemma3_stack(cached[1], x, cos_l, sin_l, cos_f, sin_f, *views, self.norm.weight, self.norm.eps,
-                                   head, logits, best, ids, embed, cached[5])
-        return hidden, logits, None if best is None else best.tolist()
+        cos_l, sin_l = self._rope("local", self.inv_freq_local).pointers(start, n)
+        cos_f, sin_f = self._rope("full", self.inv_freq_full).pointers(start, n)
+        return fast.gemma3_stack(call, ids, x, cos_l, sin_l, cos_f, sin_f, *views, with_head, want_logits)
+
+    def _stack_call(self, cache: KVCache) -> tuple:
+        """(kernels.StackCall for `cache` or None where the C stack cannot run this model, the weights behind its
+        pointers). Built and checked once per cache: weights do not change while one is in use (a generation), and
+        gathering 18 blocks' arguments each step cost ~0.4 ms of Python."""
+        table, head_dim = self.embed_tokens, self.config.head_dim
+        fast = fused_ops(table, (torch.float32, torch.bfloat16))
+        if fast is None:
+            return None, None
+        blocks = [layer._block_args(fast) for layer in self.layers]
+        sliding = [layer.sliding for layer in self.layers]  # the C loop picks RoPE and cache view by this flag
+        norm = self.norm.weight
+        usable = (all(b is not None for b in blocks) and sliding == [s.window is not None for s in cache.specs]
+                  and cache.keys[0].dtype == self.dtype and cache.keys[0].is_cpu
+                  # float32 RoPE rows of head_dim values (RopeTables.pointers)
+                  and 2 * self.inv_freq_local.numel() == 2 * self.inv_freq_full.numel() == head_dim
+                  # the C stack applies the final norm: a float32 [hidden] scale
+                  and norm is not None and norm.dtype == torch.float32 and norm.is_contiguous()
+                  and norm.numel() == self.config.hidden_size)
+        call = None
+        if usable:
+            head = fast.weight_args(self.lm_head) if self.config.final_logit_softcapping is None else None
+            call = kernels.StackCall(blocks, sliding, cache.keys, cache.values, self.dtype, norm, self.norm.eps, head,
+                                     fast.matrix_args(table),  # the embedding lookup in the same call
+                                     float(embed_scale(self.config.hidden_size, self.dtype)))
+        # the weights behind the pointers, kept alive even if a block's own argument cache is rebuilt
+        holders = [layer.__dict__.get("_block_cache") for layer in self.layers]
+        holders += [self.lm_head.qweight if self.lm_head.qweight is not None else self.lm_head.weight, table]
+        return call, holders
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(self.lm_head, hidden, self.config.final_logit_softcapping)

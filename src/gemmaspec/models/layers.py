@@ -106,14 +106,28 @@ class RopeTables:
 
     def get(self, start: int, n: int):
         """cos, sin [n, 2 * len(inv_freq)] for positions start .. start + n - 1."""
-        held = self._held
-        if held is None or not held[0] <= start <= start + n <= held[0] + self.ROWS:
-            positions = torch.arange(start, start + max(n, self.ROWS), device=self.inv_freq.device)
-            if n > self.ROWS:  # a prompt: its own table
-                return rope_cos_sin(positions, self.inv_freq, self.dtype)
-            held = self._held = (start, *rope_cos_sin(positions, self.inv_freq, self.dtype))
+        if n > self.ROWS:  # a prompt: its own table
+            positions = torch.arange(start, start + n, device=self.inv_freq.device)
+            return rope_cos_sin(positions, self.inv_freq, self.dtype)
+        held = self._hold(start, n)
         at = start - held[0]
         return held[1][at:at + n], held[2][at:at + n]
+
+    def pointers(self, start: int, n: int) -> tuple[int, int]:
+        """The addresses of get(start, n)'s rows (n <= ROWS; contiguous), without making tensors of them: what a
+        C kernel takes (a tensor slice each costs a decode step ~10 us with the caches cold)."""
+        held = self._hold(start, n)
+        offset = (start - held[0]) * held[5]
+        return held[3] + offset, held[4] + offset
+
+    def _hold(self, start: int, n: int) -> tuple:
+        """(first position, cos, sin, their addresses, bytes per row) of ROWS positions covering start .. + n."""
+        held = self._held
+        if held is None or not held[0] <= start <= start + n <= held[0] + self.ROWS:
+            positions = torch.arange(start, start + self.ROWS, device=self.inv_freq.device)
+            cos, sin = (t.contiguous() for t in rope_cos_sin(positions, self.inv_freq, self.dtype))
+            held = self._held = (start, cos, sin, cos.data_ptr(), sin.data_ptr(), cos.stride(0) * cos.element_size())
+        return held
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
