@@ -194,6 +194,22 @@ def test_embedding_in_the_c_stack_equals_the_lookup(tiny_gemma3_dir, dtype, weig
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
+def test_c_stack_after_a_forward_with_autograd_on(tiny_gemma3_dir, monkeypatch):
+    """A cache whose first forward ran with autograd on (the per-layer path) takes the C stack for later steps
+    under inference mode: the C path is not written off for that cache."""
+    from gemmaspec.loading import load_model
+
+    model = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu", weights="float").model
+    calls = _spy_on_c_blocks(monkeypatch)
+    cache = model.new_cache(64, spec_margin=8)
+    model(torch.tensor([1, 2, 3]), cache)
+    assert "stack" not in calls
+    with torch.inference_mode():
+        model.forward_logits([4], cache)
+    assert "stack" in calls
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_fused_block_kernel_in_bfloat16(tiny_gemma3_dir, weights, monkeypatch):
     """A bfloat16 model's decode steps also run in the C block (x and the KV cache in bfloat16, computed in
@@ -326,3 +342,5 @@ def test_rope_tables_equal_rope_cos_sin():
         want_cos, want_sin = rope_cos_sin(torch.arange(start, start + n), inv_freq, torch.float32)
         assert cos.shape == (n, 256) and cos.is_contiguous()
         assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+        if n <= RopeTables.ROWS:  # the C stack's view of the same rows: their addresses
+            assert tables.pointers(start, n) == (cos.data_ptr(), sin.data_ptr())

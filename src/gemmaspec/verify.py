@@ -16,7 +16,7 @@ from .sampling import SamplingParams, greedy_tokens, probabilities, sample
 
 
 def verify(
-    target_logits: torch.Tensor,
+    target_logits: torch.Tensor | None,
     draft_tokens: list[int],
     draft_probs: torch.Tensor | None,
     params: SamplingParams,
@@ -24,7 +24,7 @@ def verify(
     greedy: list[int] | None = None,
 ) -> tuple[int, int]:
     """Returns (number of drafts accepted, the next token chosen by the target). greedy: each row's argmax of
-    target_logits when the caller has it (the target's pass computed it)."""
+    target_logits when the caller has it (the target's pass computed it; greedy decoding then needs no logits)."""
     k = len(draft_tokens)
     if params.greedy:
         best = greedy if greedy is not None else greedy_tokens(target_logits)

@@ -92,7 +92,9 @@ class StackCall:
                  dtype: torch.dtype, final_norm: torch.Tensor, final_eps: float, head: WeightArgs | None,
                  embed: WeightArgs | None, embed_scale: float):
         n, hidden = len(blocks), blocks[0].hidden
-        self.refs = (blocks, keys, values, final_norm, head, embed)  # what the pointers point into
+        # what the pointers point into (not the K/V buffers: the caller uses a call only while its cache lives)
+        self.refs = (blocks, final_norm, head, embed)
+        self.vocab = None if embed is None else embed.N
         self.arrays = [(ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in blocks]),
                        (ctypes.c_uint8 * n)(*[int(s) for s in sliding]),
                        (ctypes.c_void_p * n)(*[t.data_ptr() for t in keys]),
@@ -255,7 +257,11 @@ class Kernels:
         pointer, S, mask pointer) views of cache.kernel_views for the sliding and the full layers (None where the
         model has no such layer)."""
         step, T = call.step, len(ids) if ids is not None else x.shape[0]
+        if not 0 < T <= MAX_ROWS or (ids is not None and call.vocab is None):
+            raise ValueError(f"a stack call takes 1 to {MAX_ROWS} rows, ids only with its embedding table")
         if ids is not None:
+            if min(ids) < 0 or max(ids) >= call.vocab:  # (ctypes would wrap an id past int64 silently)
+                raise IndexError(f"embedding row out of range [0, {call.vocab})")
             call.ids[:T] = ids
             step.ids, step.x_in = ctypes.addressof(call.ids), call.x_in.data_ptr()
         else:
@@ -275,7 +281,7 @@ class Kernels:
         step.head = None if head is None else ctypes.addressof(head)
         step.nthreads = torch.get_num_threads()
         if self.lib.gs_gemma3_step(call.step_ptr):
-            raise IndexError(f"embedding row out of range [0, {call.refs[5].N})")
+            raise IndexError(f"embedding row out of range [0, {call.vocab})")
         return out, logits, None if head is None else call.best[:T]
 
     def step_views(self, slot_pos: torch.Tensor | None, ring: int, window: int, start: int, T: int, slots_r,

@@ -159,8 +159,7 @@ static int embed_rows(const struct gs_weight *e, int K, const int64_t *ids, int 
         for (int t = 0; t < T; t++) {
             if (ids[t] < 0 || ids[t] >= e->N) return -1;
             for (int i = 0; i < K; i++) {
-                const size_t at = (size_t)ids[t] * K + i;
-                const float v = e->kind == 0 ? ((const float *)e->q)[at] : bf16_to_f32(((const uint16_t *)e->q)[at]);
+                const float v = f32_at(e->kind == 0 ? 32 : 16, e->q, ids[t] * K + i);
                 if (bf16)
                     ((uint16_t *)x)[(size_t)t * K + i] = f32_to_bf16(v);
                 else
@@ -199,7 +198,7 @@ int gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const ui
                      const int64_t *slots_r, int S_r, const uint8_t *mask_r, int64_t full_cap, const int64_t *slots_f,
                      int S_f, const uint8_t *mask_f, const float *final_norm, float final_eps,
                      const struct gs_weight *head, float *logits, int64_t *best, int bf16, int nthreads) {
-    if (ids && n > 0 && embed_rows(embed, blocks[0]->hidden, ids, T, embed_scale, x_in, bf16)) return -1;
+    if (ids && (!embed || n <= 0 || embed_rows(embed, blocks[0]->hidden, ids, T, embed_scale, x_in, bf16))) return -1;
     const void *in = x_in;
     for (int i = 0; i < n; i++) {
         void *out = (n - 1 - i) % 2 == 0 ? x_out : scratch;  // the last block writes x_out

@@ -286,12 +286,14 @@ class Gemma3Model(nn.Module):
         in that call (logits() takes the same kernel: no final soft-capping; logits None unless want_logits). None
         where a block cannot take the C path. A step here runs few Python lines: with the caches cold after the
         previous step each costs microseconds."""
-        table = self.embed_tokens
+        table, fast = self.embed_tokens, kernels.load()
+        if fast is None or not 0 < n <= kernels.MAX_ROWS or torch.is_grad_enabled():
+            return None
         cached = self.__dict__.get("_stack_cache")
         if cached is None or cached[0]() is not cache:
-            cached = self.__dict__["_stack_cache"] = (weakref.ref(cache), *self._stack_call(cache))
-        call, fast = cached[1], kernels.load()
-        if call is None or fast is None or not 0 < n <= kernels.MAX_ROWS or torch.is_grad_enabled():
+            cached = self.__dict__["_stack_cache"] = (self._cache_ref(cache), *self._stack_call(cache))
+        call = cached[1]
+        if call is None:
             return None
         views = cache.kernel_views(fast)
         if views is None:
@@ -303,6 +305,17 @@ class Gemma3Model(nn.Module):
         cos_l, sin_l = self._rope("local", self.inv_freq_local).pointers(start, n)
         cos_f, sin_f = self._rope("full", self.inv_freq_full).pointers(start, n)
         return fast.gemma3_stack(call, ids, x, cos_l, sin_l, cos_f, sin_f, *views, with_head, want_logits)
+
+    def _cache_ref(self, cache: KVCache):
+        """A weak reference to `cache` whose end drops the model's stack call for it (its buffers with it)."""
+        model = weakref.ref(self)
+
+        def release(dead) -> None:
+            held = model()
+            if held is not None and held.__dict__.get("_stack_cache", (None,))[0] is dead:
+                held.__dict__.pop("_stack_cache", None)
+
+        return weakref.ref(cache, release)
 
     def _stack_call(self, cache: KVCache) -> tuple:
         """(kernels.StackCall for `cache` or None where the C stack cannot run this model, the weights behind its
@@ -317,6 +330,7 @@ class Gemma3Model(nn.Module):
         norm = self.norm.weight
         usable = (all(b is not None for b in blocks) and sliding == [s.window is not None for s in cache.specs]
                   and cache.keys[0].dtype == self.dtype and cache.keys[0].is_cpu
+                  and table.shape[1] == self.config.hidden_size
                   # float32 RoPE rows of head_dim values (RopeTables.pointers)
                   and 2 * self.inv_freq_local.numel() == 2 * self.inv_freq_full.numel() == head_dim
                   # the C stack applies the final norm: a float32 [hidden] scale

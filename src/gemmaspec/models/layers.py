@@ -102,7 +102,7 @@ class RopeTables:
 
     def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype):
         self.inv_freq, self.dtype = inv_freq, dtype
-        self._held = None  # (first position, cos, sin)
+        self._held = None  # _hold's tuple
 
     def get(self, start: int, n: int):
         """cos, sin [n, 2 * len(inv_freq)] for positions start .. start + n - 1."""
