@@ -70,7 +70,7 @@ class Gemma3BlockArgs(ctypes.Structure):
 
 
 class StackStep(ctypes.Structure):
-    """struct gs_gemma3_step of block.c: gs_gemma3_stack's arguments, kept between steps and updated in place."""
+    """struct gs_gemma3_step of block.c: gs_gemma3_step's arguments, kept between steps and updated in place."""
     _fields_ = [("n", ctypes.c_int), *[(name, ctypes.c_void_p) for name in ("blocks", "sliding", "kbufs", "vbufs",
                                                                             "ids", "embed")],
                 ("embed_scale", ctypes.c_float), *[(name, ctypes.c_void_p) for name in ("x_in", "x_out", "scratch")],
@@ -83,7 +83,7 @@ class StackStep(ctypes.Structure):
 
 
 class StackCall:
-    """A model's blocks prepared for gs_gemma3_stack over one KV cache: the layers' arguments, the embedding table
+    """A model's blocks prepared for gs_gemma3_step over one KV cache: the layers' arguments, the embedding table
     (None: each step passes its embedded rows), the final RMSNorm (float32 weight) and the LM head (None: none) set
     once, in a StackStep that each step updates in place (Kernels.gemma3_stack): one pointer per call where ~30
     converted ctypes arguments, ~15 small tensors and their checks cost a step ~0.2 ms with the caches cold."""
@@ -248,7 +248,7 @@ class Kernels:
 
     def gemma3_stack(self, call: StackCall, ids: list[int] | None, x: torch.Tensor | None, cos_l: int, sin_l: int,
                      cos_f: int, sin_f: int, ring, full, with_head: bool, want_logits: bool = True) -> tuple:
-        """A step's T tokens through every block in one call (block.c gs_gemma3_stack), then the model's last
+        """A step's T tokens through every block in one call (block.c gs_gemma3_step), then the model's last
         RMSNorm, and with_head (where `call` has a head) the LM head's float32 logits [T, N] and their argmax:
         (hidden [T, hidden], logits or None, greedy tokens as a list or None); want_logits=False keeps the logits
         in a buffer of `call` (None returned). The rows come from `ids` (a list, embedded in the call: `call` has

@@ -177,65 +177,23 @@ static int embed_rows(const struct gs_weight *e, int K, const int64_t *ids, int 
 }
 
 // Every block of the model for one decode / verification step in one call: the Python around each block's call
-// cost ~85 us (~1.5 ms of a ~13 ms step at 18 layers). Layer i has K/V buffers kbufs[i] / vbufs[i]; sliding
-// layers (sliding[i] != 0) use the ring view (ring_cap slots, slots_r, S_r, mask_r) and the local RoPE tables,
-// full layers the linear view and the global ones; the views are shared by all layers of a kind. x_in, x_out and
-// scratch are [T, hidden] in the model's dtype; x_out may not be x_in. final_norm (NULL: none) is the model's
-// last RMSNorm, applied to the last block's output (bfloat16: from the rounded output, rounded again) with ops.c's
-// RMSNorm: for a float32 model what models/gemma3.py computes, for a bfloat16 one that path's F.rms_norm up to the
-// last bit of a few values in a million. Every decode and verification step takes this call, so speculation stays
-// exact. In here it costs ~1 us, as three PyTorch ops ~0.25 ms with the caches cold.
+// cost ~85 us (~1.5 ms of a ~13 ms step at 18 layers). The arguments come in one struct, which the caller keeps
+// between steps and updates in place (the layers, table, norm and head once per cache; the tokens, buffers, RoPE
+// rows and cache views each step): converting ~30 ctypes arguments cost a step ~0.1 ms with the caches cold after
+// the previous one (kernels/__init__.py StackStep mirrors it).
+// Layer i has K/V buffers kbufs[i] / vbufs[i]; sliding layers (sliding[i] != 0) use the ring view (ring_cap
+// slots, slots_r, S_r, mask_r) and the local RoPE rows, full layers the linear view and the global ones; the views
+// are shared by all layers of a kind. x_in, x_out and scratch are [T, hidden] in the model's dtype; x_out may not
+// be x_in. final_norm (NULL: none) is the model's last RMSNorm, applied to the last block's output (bfloat16: from
+// the rounded output, rounded again) with ops.c's RMSNorm: for a float32 model what models/gemma3.py computes, for
+// a bfloat16 one that path's F.rms_norm up to the last bit of a few values in a million. Every decode and
+// verification step takes this call, so speculation stays exact. In here it costs ~1 us, as three PyTorch ops
+// ~0.25 ms with the caches cold.
 // head (NULL: none; with the final norm) is the LM head: logits[T, head->N] = x_out widened to float32 @ head^T,
 // as models/layers.py lm_logits computes them (the same kernel and values), and best[t] (NULL: none) the first
 // maximum of row t, as torch.argmax, while the logits are still in the cores' caches.
 // ids (NULL: none) are the step's tokens: x_in is then first filled with their rows of the embedding table embed
-// (embed_rows above; ~0.1 ms of Python and PyTorch a step with the caches cold). Returns -1 (and computes nothing)
-// for an id outside the table, else 0.
-int gs_gemma3_stack(int n, const struct gs_gemma3_block *const *blocks, const uint8_t *sliding, void *const *kbufs,
-                     void *const *vbufs, const int64_t *ids, const struct gs_weight *embed, float embed_scale,
-                     void *x_in, void *x_out, void *scratch, int T, const float *cos_l,
-                     const float *sin_l, const float *cos_f, const float *sin_f, int64_t ring_cap,
-                     const int64_t *slots_r, int S_r, const uint8_t *mask_r, int64_t full_cap, const int64_t *slots_f,
-                     int S_f, const uint8_t *mask_f, const float *final_norm, float final_eps,
-                     const struct gs_weight *head, float *logits, int64_t *best, int bf16, int nthreads) {
-    if (ids && (!embed || n <= 0 || embed_rows(embed, blocks[0]->hidden, ids, T, embed_scale, x_in, bf16))) return -1;
-    const void *in = x_in;
-    for (int i = 0; i < n; i++) {
-        void *out = (n - 1 - i) % 2 == 0 ? x_out : scratch;  // the last block writes x_out
-        if (sliding[i])
-            gs_gemma3_block(blocks[i], in, out, T, cos_l, sin_l, kbufs[i], vbufs[i], ring_cap, slots_r, S_r, mask_r,
-                            bf16, nthreads);
-        else
-            gs_gemma3_block(blocks[i], in, out, T, cos_f, sin_f, kbufs[i], vbufs[i], full_cap, slots_f, S_f, mask_f,
-                            bf16, nthreads);
-        in = out;
-    }
-    if (final_norm == NULL || n == 0) return 0;
-    const int H = blocks[0]->hidden;
-    float *normed = (float *)x_out;  // the rows as float32: the head's input
-    if (!bf16) {
-        gso_rms_norm(normed, final_norm, final_eps, T, H, NULL, normed);
-    } else {
-        normed = (float *)malloc(sizeof(float) * (size_t)T * H);
-        uint16_t *y = (uint16_t *)x_out;
-        for (int t = 0; t < T; t++) {
-            float *row = normed + (size_t)t * H;
-            for (int i = 0; i < H; i++) row[i] = bf16_to_f32(y[(size_t)t * H + i]);
-            gso_rms_norm(row, final_norm, final_eps, 1, H, NULL, row);
-            for (int i = 0; i < H; i++) row[i] = bf16_to_f32(y[(size_t)t * H + i] = f32_to_bf16(row[i]));
-        }
-    }
-    if (head) {
-        matmul(head, normed, T, H, logits, bf16, nthreads);
-        if (best) gso_argmax(logits, T, head->N, best, nthreads);
-    }
-    if (bf16) free(normed);
-    return 0;
-}
-
-// gs_gemma3_stack's arguments in one struct, which the caller keeps between steps and updates in place (the layers,
-// table, norm and head once per cache; the tokens, buffers, RoPE rows and cache views each step): converting ~30
-// ctypes arguments cost a step ~0.1 ms with the caches cold after the previous one. kernels/__init__.py StackStep.
+// (embed_rows above; ~0.1 ms of Python and PyTorch a step with the caches cold).
 struct gs_gemma3_step {
     int n;
     const struct gs_gemma3_block *const *blocks;
@@ -263,9 +221,42 @@ struct gs_gemma3_step {
     int bf16, nthreads;
 };
 
+// Returns -1 (and computes nothing) for an id outside the table, else 0.
 int gs_gemma3_step(const struct gs_gemma3_step *a) {
-    return gs_gemma3_stack(a->n, a->blocks, a->sliding, a->kbufs, a->vbufs, a->ids, a->embed, a->embed_scale, a->x_in,
-                           a->x_out, a->scratch, a->T, a->cos_l, a->sin_l, a->cos_f, a->sin_f, a->ring_cap,
-                           a->slots_r, a->S_r, a->mask_r, a->full_cap, a->slots_f, a->S_f, a->mask_f, a->final_norm,
-                           a->final_eps, a->head, a->logits, a->best, a->bf16, a->nthreads);
+    const int n = a->n, T = a->T, bf16 = a->bf16;
+    if (a->ids && (!a->embed || n <= 0 ||
+                   embed_rows(a->embed, a->blocks[0]->hidden, a->ids, T, a->embed_scale, a->x_in, bf16)))
+        return -1;
+    const void *in = a->x_in;
+    for (int i = 0; i < n; i++) {
+        void *out = (n - 1 - i) % 2 == 0 ? a->x_out : a->scratch;  // the last block writes x_out
+        if (a->sliding[i])
+            gs_gemma3_block(a->blocks[i], in, out, T, a->cos_l, a->sin_l, a->kbufs[i], a->vbufs[i], a->ring_cap,
+                            a->slots_r, a->S_r, a->mask_r, bf16, a->nthreads);
+        else
+            gs_gemma3_block(a->blocks[i], in, out, T, a->cos_f, a->sin_f, a->kbufs[i], a->vbufs[i], a->full_cap,
+                            a->slots_f, a->S_f, a->mask_f, bf16, a->nthreads);
+        in = out;
+    }
+    if (a->final_norm == NULL || n == 0) return 0;
+    const int H = a->blocks[0]->hidden;
+    float *normed = (float *)a->x_out;  // the rows as float32: the head's input
+    if (!bf16) {
+        gso_rms_norm(normed, a->final_norm, a->final_eps, T, H, NULL, normed);
+    } else {
+        normed = (float *)malloc(sizeof(float) * (size_t)T * H);
+        uint16_t *y = (uint16_t *)a->x_out;
+        for (int t = 0; t < T; t++) {
+            float *row = normed + (size_t)t * H;
+            for (int i = 0; i < H; i++) row[i] = bf16_to_f32(y[(size_t)t * H + i]);
+            gso_rms_norm(row, a->final_norm, a->final_eps, 1, H, NULL, row);
+            for (int i = 0; i < H; i++) row[i] = bf16_to_f32(y[(size_t)t * H + i] = f32_to_bf16(row[i]));
+        }
+    }
+    if (a->head) {
+        matmul(a->head, normed, T, H, a->logits, bf16, a->nthreads);
+        if (a->best) gso_argmax(a->logits, T, a->head->N, a->best, a->nthreads);
+    }
+    if (bf16) free(normed);
+    return 0;
 }

@@ -234,8 +234,9 @@ class Gemma3Model(nn.Module):
         return self.embed_tokens.dtype
 
     # ---- forward -----------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens[input_ids] * embed_scale(self.config.hidden_size, self.dtype)
+    def embed(self, input_ids: torch.Tensor | list[int]) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, device=self.embed_tokens.device)
+        return self.embed_tokens[ids] * embed_scale(self.config.hidden_size, self.dtype)
 
     def forward(self, input_ids: torch.Tensor | list[int], cache: KVCache) -> torch.Tensor:
         """Run tokens [T] (a tensor or a list of ids) at the cache's next positions; returns final-normed hidden
@@ -261,7 +262,7 @@ class Gemma3Model(nn.Module):
         if out is None:
             cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
             cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
-            x = self.embed(torch.as_tensor(input_ids, device=self.embed_tokens.device))
+            x = self.embed(input_ids)
             for i, layer in enumerate(self.layers):
                 x = layer(x, i, cache, cos_l, sin_l) if layer.sliding else layer(x, i, cache, cos_f, sin_f)
             out = self.norm(x), None, None
@@ -280,13 +281,13 @@ class Gemma3Model(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _stack(self, input_ids, cache: KVCache, start: int, n: int, with_head: bool, want_logits: bool):
-        """The embeddings, every block and the final norm in one C call (kernels/block.c gs_gemma3_stack: each
+        """The embeddings, every block and the final norm in one C call (kernels/block.c gs_gemma3_step: each
         block exactly as Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and
         verification steps: (hidden, logits, greedy tokens), the last two None unless with_head and the head can go
         in that call (logits() takes the same kernel: no final soft-capping; logits None unless want_logits). None
         where a block cannot take the C path. A step here runs few Python lines: with the caches cold after the
         previous step each costs microseconds."""
-        table, fast = self.embed_tokens, kernels.load()
+        fast = kernels.load()
         if fast is None or not 0 < n <= kernels.MAX_ROWS or torch.is_grad_enabled():
             return None
         cached = self.__dict__.get("_stack_cache")
@@ -301,7 +302,7 @@ class Gemma3Model(nn.Module):
         if call.has_table:
             ids, x = (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids), None
         else:
-            ids, x = None, self.embed(torch.as_tensor(input_ids, device=table.device)).contiguous()
+            ids, x = None, self.embed(input_ids).contiguous()
         cos_l, sin_l = self._rope("local", self.inv_freq_local).pointers(start, n)
         cos_f, sin_f = self._rope("full", self.inv_freq_full).pointers(start, n)
         return fast.gemma3_stack(call, ids, x, cos_l, sin_l, cos_f, sin_f, *views, with_head, want_logits)
