@@ -49,22 +49,34 @@ struct gs_gemma3_block {
 };
 
 // Built with -DGS_PROFILE (scripts/profile_step.py), the block adds the seconds spent in each phase to
-// gs_profile_seconds[phase]; a normal build has no timers.
-enum { PH_QKV, PH_O, PH_GATE_UP, PH_DOWN, PH_ATTENTION, PH_OTHER, PH_COUNT };
+// gs_profile_seconds[phase] and to gs_profile_block_seconds[block of the step][phase] (the LM head and argmax
+// under the last block); a normal build has no timers.
+enum { PH_QKV, PH_O, PH_GATE_UP, PH_DOWN, PH_ATTENTION, PH_OTHER, PH_HEAD, PH_ARGMAX, PH_COUNT };
+#define PROFILE_BLOCKS 64
 #ifdef GS_PROFILE
 #include <time.h>
 double gs_profile_seconds[PH_COUNT];
+double gs_profile_block_seconds[PROFILE_BLOCKS][PH_COUNT];
 static double profile_t0;
+static int profile_block;
 static inline double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
-#define PHASE(ph) do { const double t_ = now_s(); gs_profile_seconds[ph] += t_ - profile_t0; profile_t0 = t_; } while (0)
+#define PHASE(ph)                                                                                   \
+    do {                                                                                            \
+        const double t_ = now_s();                                                                  \
+        gs_profile_seconds[ph] += t_ - profile_t0;                                                  \
+        gs_profile_block_seconds[profile_block][ph] += t_ - profile_t0;                             \
+        profile_t0 = t_;                                                                            \
+    } while (0)
+#define PROFILE_BLOCK(i) (profile_block = (i) < PROFILE_BLOCKS ? (i) : PROFILE_BLOCKS - 1)
 #define PHASE_START() (profile_t0 = now_s())
 #else
 #define PHASE(ph) ((void)0)
 #define PHASE_START() ((void)0)
+#define PROFILE_BLOCK(i) ((void)0)
 #endif
 
 // bf16: the model's dtype is bfloat16 (the int8/int4 kernels may round x to int8, linear.c)
@@ -230,6 +242,7 @@ int gs_gemma3_step(const struct gs_gemma3_step *a) {
     const void *in = a->x_in;
     for (int i = 0; i < n; i++) {
         void *out = (n - 1 - i) % 2 == 0 ? a->x_out : a->scratch;  // the last block writes x_out
+        PROFILE_BLOCK(i);
         if (a->sliding[i])
             gs_gemma3_block(a->blocks[i], in, out, T, a->cos_l, a->sin_l, a->kbufs[i], a->vbufs[i], a->ring_cap,
                             a->slots_r, a->S_r, a->mask_r, bf16, a->nthreads);
@@ -254,8 +267,11 @@ int gs_gemma3_step(const struct gs_gemma3_step *a) {
         }
     }
     if (a->head) {
+        PHASE_START();
         matmul(a->head, normed, T, H, a->logits, bf16, a->nthreads);
+        PHASE(PH_HEAD);
         if (a->best) gso_argmax(a->logits, T, a->head->N, a->best, a->nthreads);
+        PHASE(PH_ARGMAX);
     }
     if (bf16) free(normed);
     return 0;

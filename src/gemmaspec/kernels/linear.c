@@ -181,6 +181,16 @@ static inline __attribute__((always_inline)) void prefetch_span(const char *p, s
 // the 2-core Xeon (24-34 GB/s)
 #define PF_TILES 6
 #endif
+// How a one-row tile issues its prefetch of the tile PF_TILES ahead: 0 in one burst before the tile, 1 spread over
+// the tile's blocks (spread_prefetch: a few lines before each block's loads, in address order), 2 (default) spread
+// for int4 and for rows of 1 KB or more, else a burst. A burst of 4 rows x 2 KB (the down projection, K = 2048)
+// held up the tile's own loads: the down matrices read at 22-27 GB/s against 31-37 for gate_up. Zen 4 VM, per-phase
+// timers (GS_PROFILE), same process, alternating: down 1.15-1.25x the rate spread, the int4 LM head ~1.03x, the
+// int8 one (K = 640, light arithmetic per byte) 0.9-0.98x, so it keeps the burst; plain decoding 1.07x (auto) and
+// 1.085x (int4), identical tokens.
+#ifndef PF_SPREAD
+#define PF_SPREAD 2
+#endif
 #ifndef PF_ROWS
 #define PF_ROWS 8  // rows ahead where a weight row is read for several rows of x
 #endif
@@ -923,10 +933,16 @@ static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, i
     for (int m = 0; m < mt; m++) r[m] = hsum16(acc[m]);
 }
 
+// step c of n of a tile's prefetch of the QR rows at pf: the c-th n-th of their lines, in address order
+static inline __attribute__((always_inline)) void spread_prefetch(const char *pf, size_t row_bytes, int c, int n) {
+    const size_t lines = (QR * row_bytes + 63) / 64, l0 = lines * c / n, l1 = lines * (c + 1) / n;
+    for (size_t l = l0; l < l1; l++) __builtin_prefetch(pf + 64 * l, 0, 2);
+}
+
 // one row of x, QR weight rows side by side: tile8_blocks' operations for mt = 1, row by row in the same order
 static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BITS, int pre, const int SG, int f32, const char *q,
         size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
-        const int32_t *xcorr, const float *xs, int G, float *r) {
+        const int32_t *xcorr, const float *xs, int G, const char *pf, float *r) {
     const int with_bias = BITS == 4 || b;
     __m512 acc[QR];
     for (int i = 0; i < QR; i++) acc[i] = _mm512_setzero_ps();
@@ -937,6 +953,7 @@ static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BI
         const __m512 x16 = with_bias ? xs16(xs, k, nb) : _mm512_setzero_ps();
         if (nb < 16 && x8_quad_tail(BITS, G)) {
             for (int i = 0; i < QR; i++) {
+                if (pf) spread_prefetch(pf, row_bytes, k * QR + i, nblocks * QR);
                 const char *si = s + i * srow, *bi = b ? b + i * srow : NULL;
                 __m512i w[2];
                 quad_weights(q + i * row_bytes, k, nb, w);
@@ -946,6 +963,7 @@ static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BI
             continue;
         }
         for (int i = 0; i < QR; i++) {
+            if (pf) spread_prefetch(pf, row_bytes, k * QR + i, nblocks * QR);
             const char *si = s + i * srow, *bi = b ? b + i * srow : NULL;
             __m512i w[8];
             block_weights(BITS, pre, q + i * row_bytes, k, nb, w);
@@ -1001,7 +1019,8 @@ static inline __attribute__((always_inline)) void tile8(const int BITS, const in
 // one row of x, QR weight rows side by side: tile8's operations for mt = 1, row by row in the same order
 static inline __attribute__((always_inline)) void tile8_rows(const int BITS, const int SG, int f32, const char *q,
         size_t row_bytes, const char *s, size_t srow, const char *b, const int8_t *xq, const float *xsc,
-        const int32_t *xcorr, const float *xs, int G, float *r) {
+        const int32_t *xcorr, const float *xs, int G, const char *pf, float *r) {
+    if (pf) prefetch_span(pf, QR * row_bytes, 1);
     const int GX = BYTE_GROUP(BITS);
     __m256 acc[QR];
     __m256i h[QR];
@@ -1062,7 +1081,8 @@ static void tile8(const int BITS, const int SG, int f32, const char *q, const ch
 
 static void tile8_rows(const int BITS, const int SG, int f32, const char *q, size_t row_bytes, const char *s,
                        size_t srow, const char *b, const int8_t *xq, const float *xsc, const int32_t *xcorr,
-                       const float *xs, int G, float *r) {
+                       const float *xs, int G, const char *pf, float *r) {
+    (void)pf;
     for (int i = 0; i < QR; i++)
         tile8(BITS, SG, f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, (size_t)G * BYTE_GROUP(BITS), xq,
               xsc, xcorr, (size_t)G, xs, G, 1, r + i);
@@ -1119,10 +1139,18 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
     int64_t row = n_begin;                                                                                      \
     if (M == 1) {                                                                                               \
         for (; row + QR <= n_end; row += QR) {                                                                  \
-            if (row + (PF_TILES + 1) * QR <= n_end)                                                             \
+            const int ahead = row + (PF_TILES + 1) * QR <= n_end;                                               \
+            const char *pf = ahead ? jb->q + (size_t)(row + PF_TILES * QR) * row_bytes : NULL;                  \
+            const int spread = PF_SPREAD == 1 || (PF_SPREAD == 2 && (BITS == 4 || row_bytes >= 1024));         \
+            if (ahead && spread) {                                                                              \
+                prefetch_span(jb->s + (size_t)(row + PF_TILES * QR) * srow, QR * srow, 1);                      \
+                if (jb->b) prefetch_span(jb->b + (size_t)(row + PF_TILES * QR) * srow, QR * srow, 1);           \
+            } else if (ahead) {                                                                                 \
                 prefetch_rows(jb->q, row_bytes, jb->s, jb->b, srow, (size_t)(row + PF_TILES * QR), QR, 1);         \
+            }                                                                                                   \
             TILE8_CALL(tile8_rows, BITS, SG, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow, srow, \
-                       jb->b ? jb->b + (size_t)row * srow : NULL, jb->xq, jb->xsc, jb->xcorr, jb->xs, G, r);    \
+                       jb->b ? jb->b + (size_t)row * srow : NULL, jb->xq, jb->xsc, jb->xcorr, jb->xs, G,         \
+                       spread ? pf : NULL, r);                                                                  \
             for (int i = 0; i < QR; i++) jb->y[row + i] = r[i];                                                 \
         }                                                                                                       \
     }                                                                                                           \
