@@ -71,7 +71,7 @@ def _attention_case(T: int, S: int, seed: int):
     return q, keys, values, mask
 
 
-@pytest.mark.parametrize("T,S", [(1, 5), (3, 37), (9, 576)])
+@pytest.mark.parametrize("T,S", [(1, 5), (3, 37), (9, 576), (33, 4100)])
 def test_attention_equals_sdpa_with_mask_and_gqa(T, S):
     q, keys, values, mask = _attention_case(T, S, 10)
     scale = 1 / math.sqrt(64)
@@ -83,10 +83,15 @@ def test_attention_equals_sdpa_with_mask_and_gqa(T, S):
            .transpose(0, 1).reshape(T, -1))
 
 
-def test_attention_row_independent_of_other_queries_and_extra_slots():
+@pytest.mark.parametrize("S", [40, 300])
+def test_attention_row_independent_of_other_queries_and_extra_slots(S):
     """A query's output is bit for bit the same alone or among others, and with masked slots appended (a
-    verification step sees later positions that plain decoding does not have yet)."""
-    q, keys, values, mask = _attention_case(5, 40, 20)
+    verification step sees later positions that plain decoding does not have yet); over one chunk of slots and over
+    several (300: five, the last partial; a causal mask leaves later chunks unseen by the first queries)."""
+    q, keys, values, mask = _attention_case(5, S, 20)
+    if S > 64:
+        mask &= torch.arange(S)[None, :] <= torch.tensor([70, 128, 200, 250, 299])[:, None]
+        mask[4, :100] = False  # a sliding window past the first chunk
     full = K.attention(q, keys, values, mask, 0.125)
     for t in range(5):
         alone = K.attention(q[:, t : t + 1], keys, values, mask[t : t + 1].contiguous(), 0.125)

@@ -100,15 +100,32 @@ void gso_qk_norm_rope(float *qkv, int T, int row, int nq, int nkv, int hd, const
 // mask[t, s] != 0 (mask NULL: all). Strides in elements; keys / values rows are contiguous (stride 1 within),
 // float32 or bfloat16 (kv_bf16: a bfloat16 cache, widened exactly in registers; q and out stay float32).
 // The query heads that share a KV head (GQA) are taken up to MAX_HEADS at a time, so each key and value row is
-// loaded and widened once for all of them, and the value sums stay in registers. Each head's arithmetic is the
-// same whichever heads it is taken with: scores, exponentials and sums in slot order, so a query's result
-// depends only on its own valid slots (not on T or the thread count).
+// loaded and widened once for all of them, and the value sums stay in registers. The slots go in fixed chunks
+// (gso_attention), each chunk's scores, exponentials and sums in slot order, the chunks merged in order. Each
+// head's arithmetic is the same whichever heads it is taken with, so a query's result depends only on its own
+// valid slots (not on T, S beyond them or the thread count).
 #define MAX_HEADS 4
 #ifndef ATTENTION_THREADED_WORK
 // S * T * nq * hd above which attention takes all threads. 2-core Xeon, int4 default model, medians of 64 decode
 // steps: at 1 << 15 instead of 1 << 18 attention took 0.66-0.68 ms a step instead of 0.79-0.84 after a 200-token
 // prompt, 0.32-0.33 instead of 0.35-0.37 after 40 (scripts/profile_step.py --define ATTENTION_THREADED_WORK=N).
 #define ATTENTION_THREADED_WORK (1 << 15)
+#endif
+// While it computes a slot's scores, the AVX-512 kernel prefetches the slot's value row (into L2: locality 2),
+// which the value sums then read from the cache (with the caches cold after a step's weights, they read the
+// cache's rows from DRAM in 32-column passes). Default model, same process, attention of a decode step after a
+// 64 / 400-token prompt: 0.78x / 0.73x the time.
+#ifndef ATTN_PF_V
+#define ATTN_PF_V 2
+#endif
+// Slots per chunk. Default model, bf16 cache, same process, decode steps after a 400 / 64-token prompt: chunks and
+// the prefetch 0.67x / 0.77x the attention time of the unchunked kernel without it; chunks of 32 alike, of 128
+// 0.77x (400).
+#ifndef ATTENTION_CHUNK
+#define ATTENTION_CHUNK 64
+#endif
+#ifndef ATTENTION_PARTIAL_BYTES
+#define ATTENTION_PARTIAL_BYTES (1 << 20)
 #endif
 
 #ifdef GS_AVX2
@@ -146,9 +163,16 @@ static inline __attribute__((always_inline)) __m512 f32x16_at(const int EB, cons
 
 // scores[h][s] = scale * q_h . K[s] for NH heads at once
 static inline __attribute__((always_inline)) void head_scores(const int KB, const int NH, const float *const *q,
-        const void *K, int64_t ks, int S, int hd, const uint8_t *mask, float scale, float *const *scores) {
+        const void *K, int64_t ks, int S, int hd, const uint8_t *mask, float scale, float *const *scores,
+        const void *V, int64_t vs, int vd) {
     const size_t eb = KB / 8;
     for (int s = 0; s < S; s++) {
+#if ATTN_PF_V
+        if (!mask || mask[s]) {
+            const char *v = (const char *)V + (size_t)s * vs * eb;
+            for (size_t c = 0; c < vd * eb; c += 64) __builtin_prefetch(v + c, 0, ATTN_PF_V);
+        }
+#endif
         if (mask && !mask[s]) {
             for (int h = 0; h < NH; h++) scores[h][s] = -INFINITY;
             continue;
@@ -206,7 +230,9 @@ static inline __attribute__((always_inline)) void head_values(const int KB, cons
 #else
 // scores[h][s] = scale * q_h . K[s] for NH heads at once: dot_eb's order for each head
 static inline __attribute__((always_inline)) void head_scores(const int KB, const int NH, const float *const *q,
-        const void *K, int64_t ks, int S, int hd, const uint8_t *mask, float scale, float *const *scores) {
+        const void *K, int64_t ks, int S, int hd, const uint8_t *mask, float scale, float *const *scores,
+        const void *V, int64_t vs, int vd) {
+    (void)V, (void)vs, (void)vd;
     const size_t eb = KB / 8;
     for (int s = 0; s < S; s++) {
         if (mask && !mask[s]) {
@@ -274,7 +300,8 @@ static inline void exp_shifted(float *scores, int S, float mx) {
 }
 #else
 static void head_scores(const int KB, const int NH, const float *const *q, const void *K, int64_t ks, int S, int hd,
-                        const uint8_t *mask, float scale, float *const *scores) {
+                        const uint8_t *mask, float scale, float *const *scores, const void *V, int64_t vs, int vd) {
+    (void)V, (void)vs, (void)vd;
     for (int h = 0; h < NH; h++)
         for (int s = 0; s < S; s++)
             scores[h][s] = mask && !mask[s] ? -INFINITY
@@ -297,78 +324,129 @@ static void exp_shifted(float *scores, int S, float mx) {
 }
 #endif
 
-// NH query heads (q[h], out[h]) of one token over one KV head; scores: NH x S scratch floats
-static inline __attribute__((always_inline)) void attend_heads(const int KB, const int NH, const float *const *q,
+// NH query heads of one token over the S <= ATTENTION_CHUNK slots of a chunk of one KV head (K, V and mask from
+// the chunk's first slot), unnormalised: m[h] = the largest score of a valid slot (-inf: none; then acc[h] and
+// l[h] are not set), acc[h][i] = sum_s exp(score_s - m[h]) V[s][i] and l[h] = sum_s exp(score_s - m[h]) over the
+// valid slots, in slot order.
+static inline __attribute__((always_inline)) void attend_chunk(const int KB, const int NH, const float *const *q,
         const void *K, int64_t ks, const void *V, int64_t vs, int S, int hd, int vd, const uint8_t *mask, float scale,
-        float *scores, float *const *out) {
+        float *const *acc, float *m, float *l) {
+    float scores[MAX_HEADS * ATTENTION_CHUNK];
     float *sc[MAX_HEADS];
-    for (int h = 0; h < NH; h++) sc[h] = scores + (size_t)h * S;
-    head_scores(KB, NH, q, K, ks, S, hd, mask, scale, sc);
-    float inv[MAX_HEADS];
+    for (int h = 0; h < NH; h++) sc[h] = scores + (size_t)h * ATTENTION_CHUNK;
+    int any = 0;
+    for (int s = 0; s < S && !any; s++) any = !mask || mask[s];
+    if (!any) {  // a chunk the query does not see (a verification's later slots): nothing read
+        for (int h = 0; h < NH; h++) m[h] = -INFINITY;
+        return;
+    }
+    head_scores(KB, NH, q, K, ks, S, hd, mask, scale, sc, V, vs, vd);
     for (int h = 0; h < NH; h++) {
         float mx = -INFINITY;
         for (int s = 0; s < S; s++) mx = sc[h][s] > mx ? sc[h][s] : mx;
-        if (mx == -INFINITY) {  // no valid slot (its output is zeroed below)
-            inv[h] = 0.0f;
-            continue;
-        }
+        m[h] = mx;
+        if (mx == -INFINITY) continue;  // (its acc below is not used)
         exp_shifted(sc[h], S, mx);
         float sum = 0.0f;
         for (int s = 0; s < S; s++)
             if (!mask || mask[s]) sum += sc[h][s];
-        inv[h] = 1.0f / sum;
+        l[h] = sum;
     }
-    head_values(KB, NH, (const float *const *)sc, V, vs, S, vd, mask, out);
-    for (int h = 0; h < NH; h++) {
-        if (inv[h] == 0.0f)  // no valid slot: zeros, as when this head is taken alone
-            memset(out[h], 0, sizeof(float) * (size_t)vd);
-        else
-            for (int i = 0; i < vd; i++) out[h][i] *= inv[h];
-    }
+    head_values(KB, NH, (const float *const *)sc, V, vs, S, vd, mask, acc);
 }
 
+// out[i] = sum_c w_c acc_c[i] / sum_c w_c l_c over the n chunks with a valid slot, in chunk order, w_c =
+// exp(m_c - max m): zeros where no chunk has one. One chunk gives its acc / l exactly (w = 1).
+static void merge_chunks(int n, const float *acc, const float *m, const float *l, int vd, float *out) {
+    float mx = -INFINITY;
+    for (int c = 0; c < n; c++) mx = m[c] > mx ? m[c] : mx;
+    memset(out, 0, sizeof(float) * (size_t)vd);
+    if (mx == -INFINITY) return;
+    float sum = 0.0f;
+    for (int c = 0; c < n; c++) {
+        if (m[c] == -INFINITY) continue;
+        const float w = expf(m[c] - mx);
+        const float *a = acc + (size_t)c * vd;
+        sum = fmaf(w, l[c], sum);
+        for (int i = 0; i < vd; i++) out[i] = fmaf(w, a[i], out[i]);
+    }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < vd; i++) out[i] *= inv;
+}
+
+// Slots go in chunks of ATTENTION_CHUNK from slot 0 (flash-decoding's split): the threads share a long context's
+// keys and values instead of each reading all of them for its heads, and a chunk a query does not see is not read.
+// The chunks' bounds do not depend on S, T or the threads, so a query's result still depends only on its own
+// valid slots (plain decoding and a verification give it bit for bit the same). The chunks' partial results are
+// held for up to ATTENTION_PARTIAL_BYTES of (token, heads) units at a time.
 void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
                    const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
                    int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int kv_bf16,
                    int nthreads) {
-    const int group = nq / nkv;
+    if (T <= 0 || nq <= 0) return;
+    const int group = nq / nkv, nch = S > 0 ? (S + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK : 1;
     const size_t eb = kv_bf16 ? 2 : 4;
-    // a task: up to `per` query heads of one KV head for one token. Threads only pay off for long contexts; then
-    // fewer heads per task where there would be fewer tasks than threads (the result is the same either way).
+    // a unit: up to `per` query heads of one KV head for one token; a task: a unit over one chunk. Threads only pay
+    // off for long contexts; then fewer heads per unit where there would be fewer tasks than threads (the same
+    // result either way).
     const int threads = (int64_t)S * T * nq * hd > ATTENTION_THREADED_WORK ? nthreads : 1;
     int per = group < MAX_HEADS ? group : MAX_HEADS;
-    while (per > 1 && (int64_t)T * nkv * ((group + per - 1) / per) < threads) per = (per + 1) / 2;
-    const int chunks = (group + per - 1) / per, tasks = T * nkv * chunks;
+    while (per > 1 && (int64_t)T * nkv * nch * ((group + per - 1) / per) < threads) per = (per + 1) / 2;
+    const int hgroups = (group + per - 1) / per, units = T * nkv * hgroups;
+    const size_t unit_floats = (size_t)per * nch * (vd + 2);  // per head and chunk: values, largest score, sum
+    int wave = (int)(ATTENTION_PARTIAL_BYTES / (unit_floats * sizeof(float)));
+    wave = wave < 1 ? 1 : wave > units ? units : wave;
+    float *acc = (float *)malloc(sizeof(float) * unit_floats * wave);
+    float *pm = acc + (size_t)wave * per * nch * vd, *pl = pm + (size_t)wave * per * nch;
+    for (int u0 = 0; u0 < units; u0 += wave) {
+        const int nu = units - u0 < wave ? units - u0 : wave;
 #pragma omp parallel num_threads(threads)
-    {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)MAX_HEADS * (S > 0 ? S : 1));
+        {
 #pragma omp for schedule(static)
-        for (int task = 0; task < tasks; task++) {
-            const int t = task / (nkv * chunks), j = (task / chunks) % nkv, c = task % chunks;
-            const int h0 = j * group + c * per, nh = group - c * per < per ? group - c * per : per;
-            const void *K = (const char *)keys + j * k_head * eb, *V = (const char *)values + j * v_head * eb;
-            const uint8_t *mt = mask ? mask + (size_t)t * S : NULL;
-            const float *qh[MAX_HEADS];
-            float *oh[MAX_HEADS];
-            for (int h = 0; h < nh; h++) {
-                qh[h] = q + (h0 + h) * q_head + t * q_tok;
-                oh[h] = out + ((size_t)t * nq + h0 + h) * vd;
-            }
-#define ATTEND(KB, NH) attend_heads(KB, NH, qh, K, k_slot, V, v_slot, S, hd, vd, mt, scale, scores, oh)
-            switch ((kv_bf16 ? 16 : 0) + nh) {  // (cache dtype, heads) as compile-time constants
-                case 20: ATTEND(16, 4); break;
-                case 19: ATTEND(16, 3); break;
-                case 18: ATTEND(16, 2); break;
-                case 17: ATTEND(16, 1); break;
-                case 4: ATTEND(32, 4); break;
-                case 3: ATTEND(32, 3); break;
-                case 2: ATTEND(32, 2); break;
-                default: ATTEND(32, 1); break;
-            }
+            for (int task = 0; task < nu * nch; task++) {
+                const int c = task % nch, k = task / nch, u = u0 + k;
+                const int g = u % hgroups, j = (u / hgroups) % nkv, t = u / (hgroups * nkv);
+                const int h0 = j * group + g * per, nh = group - g * per < per ? group - g * per : per;
+                const int s0 = c * ATTENTION_CHUNK, n = S - s0 < ATTENTION_CHUNK ? S - s0 : ATTENTION_CHUNK;
+                const void *K = (const char *)keys + (j * k_head + (int64_t)s0 * k_slot) * eb;
+                const void *V = (const char *)values + (j * v_head + (int64_t)s0 * v_slot) * eb;
+                const uint8_t *mt = mask ? mask + (size_t)t * S + s0 : NULL;
+                const float *qh[MAX_HEADS];
+                float *ah[MAX_HEADS];
+                for (int h = 0; h < nh; h++) {
+                    qh[h] = q + (h0 + h) * q_head + t * q_tok;
+                    ah[h] = acc + (((size_t)k * per + h) * nch + c) * vd;
+                }
+                float m[MAX_HEADS], l[MAX_HEADS] = {0};
+#define ATTEND(KB, NH) attend_chunk(KB, NH, qh, K, k_slot, V, v_slot, n > 0 ? n : 0, hd, vd, mt, scale, ah, m, l)
+                switch ((kv_bf16 ? 16 : 0) + nh) {  // (cache dtype, heads) as compile-time constants
+                    case 20: ATTEND(16, 4); break;
+                    case 19: ATTEND(16, 3); break;
+                    case 18: ATTEND(16, 2); break;
+                    case 17: ATTEND(16, 1); break;
+                    case 4: ATTEND(32, 4); break;
+                    case 3: ATTEND(32, 3); break;
+                    case 2: ATTEND(32, 2); break;
+                    default: ATTEND(32, 1); break;
+                }
 #undef ATTEND
+                for (int h = 0; h < nh; h++) {
+                    pm[((size_t)k * per + h) * nch + c] = m[h];
+                    pl[((size_t)k * per + h) * nch + c] = l[h];
+                }
+            }
+#pragma omp for schedule(static)
+            for (int kh = 0; kh < nu * per; kh++) {
+                const int k = kh / per, h = kh % per, u = u0 + k;
+                const int g = u % hgroups, j = (u / hgroups) % nkv, t = u / (hgroups * nkv);
+                if (g * per + h >= group) continue;  // the last group's missing heads
+                const size_t at = (size_t)kh * nch;
+                merge_chunks(nch, acc + at * vd, pm + at, pl + at, vd,
+                             out + ((size_t)t * nq + j * group + g * per + h) * vd);
+            }
         }
-        free(scores);
     }
+    free(acc);
 }
 
 // ---- GeGLU -------------------------------------------------------------------------------------------------
