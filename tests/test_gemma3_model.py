@@ -129,7 +129,7 @@ def test_forward_logits_equal_forward_then_logits(tiny_gemma3_dir, dtype, weight
     calls = _spy_on_c_blocks(monkeypatch)
     torch.manual_seed(0)
     ids = torch.randint(4, 96, (60,))
-    caches = [model.new_cache(128, spec_margin=8) for _ in range(3)]
+    caches = [model.new_cache(128, spec_margin=8) for _ in range(4)]
     with torch.inference_mode():
         for cache in caches:
             model(ids[:10], cache)
@@ -143,6 +143,10 @@ def test_forward_logits_equal_forward_then_logits(tiny_gemma3_dir, dtype, weight
             # greedy decoding asks for the argmax only: the logits stay in the call's buffer
             greedy_hidden, no_logits, greedy_best = model.forward_logits(ids[at:at + n].tolist(), caches[2], logits=False)
             assert no_logits is None and greedy_best == best and torch.equal(greedy_hidden, hidden)
+            # a drafter without use for the hidden states: they stay in the call's buffer too
+            no_hidden, _, plain_best = model.forward_logits(ids[at:at + n].tolist(), caches[3], logits=False,
+                                                            hidden=False)
+            assert no_hidden is None and plain_best == best
             at += n
             if n > 2:
                 at -= 2

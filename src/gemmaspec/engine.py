@@ -201,10 +201,11 @@ class Engine:
                 draft_seconds = time.perf_counter() - t
                 stats.draft_seconds += draft_seconds
             t = time.perf_counter()
-            hidden, logits, best = _forward_logits(model, [tokens[-1]] + draft_tokens, cache, not params.greedy)
+            hidden, logits, best = _forward_logits(model, [tokens[-1]] + draft_tokens, cache, not params.greedy,
+                                                   drafter.needs_hidden)
             n_accepted, next_token = verify(logits, draft_tokens, draft_probs, params, generator, greedy=best)
             cache.rollback(cache.length - (len(draft_tokens) - n_accepted))
-            last_hidden = hidden[n_accepted]
+            last_hidden = hidden[n_accepted] if hidden is not None else None
             verify_seconds = time.perf_counter() - t
             stats.verify_seconds += verify_seconds
             stats.target_forward_passes += 1
@@ -226,13 +227,13 @@ class Engine:
         yield StreamChunk(delta, step_ids, result)
 
 
-def _forward_logits(model, input_ids: list[int], cache, need_logits: bool):
+def _forward_logits(model, input_ids: list[int], cache, need_logits: bool, need_hidden: bool):
     """(hidden, logits, greedy tokens or None) of a target pass: in one call where the model has one (Gemma 3 on
     the CPU embeds the ids and computes the LM head and its argmax inside its C block stack; without need_logits
-    it may return None for the logits with the greedy tokens)."""
+    it may return None for the logits with the greedy tokens, without need_hidden None for the hidden states)."""
     fused = getattr(model, "forward_logits", None)
     if fused is not None:
-        return fused(input_ids, cache, logits=need_logits)
+        return fused(input_ids, cache, logits=need_logits, hidden=need_hidden)
     hidden = model(torch.tensor(input_ids, device=cache.device), cache)
     return hidden, model.logits(hidden), None
 

@@ -15,7 +15,8 @@ class DraftContext:
 
     tokens: prompt + emitted tokens; the last one is not yet in the target cache.
     target / cache: the target model and its KV cache (read-only for drafters), valid up to cache.length.
-    hidden: the target's final hidden state [hidden] at the position that produced tokens[-1].
+    hidden: the target's final hidden state [hidden] at the position that produced tokens[-1] (None after a
+    decode step where the drafter does not declare needs_hidden).
     """
 
     tokens: list[int]
@@ -39,6 +40,7 @@ class Drafter:
 
     name = "none"
     max_tokens = 0  # most tokens this drafter can propose in one round (0 = never drafts)
+    needs_hidden = False  # whether propose() reads the target's hidden state (DraftContext.hidden; else None)
 
     def reset(self, prompt_ids: list[int], params: SamplingParams, max_len: int) -> None:
         """A new request starts with these prompt tokens."""

@@ -20,6 +20,7 @@ class HybridDrafter(Drafter):
         self.ngram = ngram or NgramDrafter()
         self.name = f"auto({mtp.name}+ngram)"
         self.max_tokens = max(mtp.max_tokens, self.ngram.max_tokens)
+        self.needs_hidden = mtp.needs_hidden or self.ngram.needs_hidden
         self.smoothing = smoothing
         self.lengths = None  # draft_length.PerSourceDraftLength under --draft-tokens auto
         self.reset_estimates()

@@ -54,6 +54,7 @@ def check_pairing(assistant_config, target) -> list[str]:
 
 class MTPDrafter(Drafter):
     max_tokens = 16
+    needs_hidden = True
 
     def __init__(self, assistant: AssistantModel, target_model: torch.nn.Module, name: str = "mtp"):
         problems = check_pairing(assistant.config, target_model)

@@ -101,6 +101,7 @@ class StackCall:
                        (ctypes.c_void_p * n)(*[t.data_ptr() for t in values])]
         self.ids, self.best = (ctypes.c_int64 * MAX_ROWS)(), (ctypes.c_int64 * MAX_ROWS)()
         self.x_in, self.scratch = torch.empty(MAX_ROWS, hidden, dtype=dtype), torch.empty(MAX_ROWS, hidden, dtype=dtype)
+        self.x_out = torch.empty(MAX_ROWS, hidden, dtype=dtype)  # the rows out where the caller does not take them
         self.logits = None  # the head's logits where the caller wants only their argmax (grown to the largest T)
         self.dtype, self.hidden, self.head, self.has_table = dtype, hidden, head, embed is not None
         self.step = StackStep(n, *map(ctypes.addressof, self.arrays), None,
@@ -247,11 +248,13 @@ class Kernels:
         return out
 
     def gemma3_stack(self, call: StackCall, ids: list[int] | None, x: torch.Tensor | None, cos_l: int, sin_l: int,
-                     cos_f: int, sin_f: int, ring, full, with_head: bool, want_logits: bool = True) -> tuple:
+                     cos_f: int, sin_f: int, ring, full, with_head: bool, want_logits: bool = True,
+                     want_hidden: bool = True) -> tuple:
         """A step's T tokens through every block in one call (block.c gs_gemma3_step), then the model's last
         RMSNorm, and with_head (where `call` has a head) the LM head's float32 logits [T, N] and their argmax:
         (hidden [T, hidden], logits or None, greedy tokens as a list or None); want_logits=False keeps the logits
-        in a buffer of `call` (None returned). The rows come from `ids` (a list, embedded in the call: `call` has
+        in a buffer of `call` (None returned), want_hidden=False the hidden rows (a torch.empty costs a step
+        ~60 us with the caches cold). The rows come from `ids` (a list, embedded in the call: `call` has
         the table; IndexError for an id outside it) or are `x` [T, hidden] (contiguous, the model's dtype).
         cos/sin: the addresses of float32 RoPE rows [T, head_dim]; `ring` / `full` are the (buffer capacity, slots
         pointer, S, mask pointer) views of cache.kernel_views for the sliding and the full layers (None where the
@@ -266,7 +269,7 @@ class Kernels:
             step.ids, step.x_in = ctypes.addressof(call.ids), call.x_in.data_ptr()
         else:
             step.ids, step.x_in = None, x.data_ptr()
-        out = torch.empty(T, call.hidden, dtype=call.dtype)
+        out = torch.empty(T, call.hidden, dtype=call.dtype) if want_hidden else None
         head = call.head if with_head else None
         logits = None
         if head is not None:
@@ -275,7 +278,8 @@ class Kernels:
             elif call.logits is None or call.logits.shape[0] < T:
                 call.logits = torch.empty(T, head.N, dtype=torch.float32)
             step.logits, step.best = (logits if want_logits else call.logits).data_ptr(), ctypes.addressof(call.best)
-        step.x_out, step.T, step.cos_l, step.sin_l, step.cos_f, step.sin_f = out.data_ptr(), T, cos_l, sin_l, cos_f, sin_f
+        step.x_out = (out if want_hidden else call.x_out).data_ptr()
+        step.T, step.cos_l, step.sin_l, step.cos_f, step.sin_f = T, cos_l, sin_l, cos_f, sin_f
         step.ring_cap, step.slots_r, step.S_r, step.mask_r = ring if ring is not None else (0, None, 0, None)
         step.full_cap, step.slots_f, step.S_f, step.mask_f = full if full is not None else (0, None, 0, None)
         step.head = None if head is None else ctypes.addressof(head)

@@ -243,22 +243,25 @@ class Gemma3Model(nn.Module):
         states [T, hidden]."""
         return self._forward(input_ids, cache, with_head=False)[0]
 
-    def forward_logits(self, input_ids: torch.Tensor | list[int], cache: KVCache, logits: bool = True):
+    def forward_logits(self, input_ids: torch.Tensor | list[int], cache: KVCache, logits: bool = True,
+                       hidden: bool = True):
         """forward() and logits() at once: (hidden [T, hidden], float32 logits [T, vocab], each row's greedy token
         as a list, or None where not computed). A decode or verification step on the CPU computes the LM head and
         its argmax in the C block stack's call, the same kernel and values as logits() and torch.argmax (~0.25 ms
         of Python and a pass over cold logits fewer a step); there logits=False (greedy decoding) returns None for
-        the logits, which then stay in a buffer of the call."""
-        hidden, head_logits, best = self._forward(input_ids, cache, with_head=True, want_logits=logits)
+        the logits and hidden=False (a caller without use for them) None for the hidden states: both then stay in
+        buffers of the call."""
+        states, head_logits, best = self._forward(input_ids, cache, with_head=True, want_logits=logits,
+                                                  want_hidden=hidden)
         if best is None:
-            return hidden, self.logits(hidden), None
-        return hidden, head_logits, best
+            return states, self.logits(states), None
+        return states, head_logits, best
 
     def _forward(self, input_ids: torch.Tensor | list[int], cache: KVCache, with_head: bool,
-                 want_logits: bool = True):
+                 want_logits: bool = True, want_hidden: bool = True):
         start, n = cache.length, len(input_ids)
         cache.begin(n, positions=False)
-        out = self._stack(input_ids, cache, start, n, with_head, want_logits)  # (with the final norm)
+        out = self._stack(input_ids, cache, start, n, with_head, want_logits, want_hidden)  # (with the final norm)
         if out is None:
             cos_f, sin_f = self._rope("full", self.inv_freq_full).get(start, n)
             cos_l, sin_l = self._rope("local", self.inv_freq_local).get(start, n)
@@ -280,11 +283,13 @@ class Gemma3Model(nn.Module):
         self.__dict__.pop("_stack_cache", None)  # tensors move (`.to()`): the next forward rebuilds the arguments
         return super()._apply(fn, *args, **kwargs)
 
-    def _stack(self, input_ids, cache: KVCache, start: int, n: int, with_head: bool, want_logits: bool):
+    def _stack(self, input_ids, cache: KVCache, start: int, n: int, with_head: bool, want_logits: bool,
+               want_hidden: bool = True):
         """The embeddings, every block and the final norm in one C call (kernels/block.c gs_gemma3_step: each
         block exactly as Gemma3Block.forward's C path, without ~85 us of Python per block) for decode and
         verification steps: (hidden, logits, greedy tokens), the last two None unless with_head and the head can go
-        in that call (logits() takes the same kernel: no final soft-capping; logits None unless want_logits). None
+        in that call (logits() takes the same kernel: no final soft-capping; logits None unless want_logits,
+        hidden None unless want_hidden or the head does not go in the call). None
         where a block cannot take the C path. A step here runs few Python lines: with the caches cold after the
         previous step each costs microseconds."""
         fast = kernels.load()
@@ -305,7 +310,8 @@ class Gemma3Model(nn.Module):
             ids, x = None, self.embed(input_ids).contiguous()
         cos_l, sin_l = self._rope("local", self.inv_freq_local).pointers(start, n)
         cos_f, sin_f = self._rope("full", self.inv_freq_full).pointers(start, n)
-        return fast.gemma3_stack(call, ids, x, cos_l, sin_l, cos_f, sin_f, *views, with_head, want_logits)
+        return fast.gemma3_stack(call, ids, x, cos_l, sin_l, cos_f, sin_f, *views, with_head, want_logits,
+                                 want_hidden or not with_head or call.head is None)
 
     def _cache_ref(self, cache: KVCache):
         """A weak reference to `cache` whose end drops the model's stack call for it (its buffers with it)."""
