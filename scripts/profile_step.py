@@ -3,7 +3,8 @@ attention, the small ops), the LM head, its argmax, and the rest (Python, embedd
 
 Builds the kernels with -DGS_PROFILE (block.c's phase timers; a normal build has none) and decodes greedily after
 a prompt through the call `gemmaspec generate --drafter none` takes (forward_logits: the blocks, the head and its
-argmax in one C call, the logits left in the call's buffer). Each matmul's rate is its weight bytes over its time.
+argmax in one C call, the logits and hidden rows left in the call's buffers; an int8 / int4 head of one row finds
+its argmax as it computes the logits: "head" includes it, "argmax" is then 0). Each matmul's rate is its weight bytes over its time.
 The machine is shared: run it on an idle machine and compare phases within one run.
 
     python scripts/profile_step.py [--weights auto|bf16|int8|int4] [--prompt-tokens 256] [--steps 128] [--threads N]
@@ -62,7 +63,7 @@ def main() -> None:
             before = list(seconds)
             before_block = [list(b) for b in per_block]
             t0 = time.perf_counter()
-            _, _, best = model.forward_logits([token] * args.rows, cache, logits=False)
+            _, _, best = model.forward_logits([token] * args.rows, cache, logits=False, hidden=False)
             token = best[0]
             steps.append(time.perf_counter() - t0)
             cache.rollback(cache.length - args.rows + 1)  # a verification keeps one token here

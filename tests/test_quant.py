@@ -234,6 +234,39 @@ def test_non_finite_activations_give_nan_rows(bits, group, x8, bad):
 
 
 @pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
+@pytest.mark.parametrize("bits, group, K, blocked", [(4, 32, 640, True), (4, 32, 128, False), (8, 16, 2048, True),
+                                                     (8, 32, 640, True), (8, 32, 640, False)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_argmax_found_while_computing_equals_torch_argmax(bits, group, K, blocked, threads):
+    """The LM head of a greedy decode step finds its argmax while it computes the rows (linear.c
+    gsq_linear_argmax): the same outputs as the matmul, bit for bit, and torch.argmax's index of them -- the first
+    of tied maxima, in either thread's rows, and the first NaN -- with or without the outputs stored."""
+    N = 4099  # a leftover row past the tiles of four, and two threads' ranges
+    w = _weight(N=N, K=K, seed=3)
+    w[[1000, 2500, 4098]] = w[3000].clone()  # identical rows: tied maxima, the largest output (x lines up with them)
+    qw = quantize(w, bits, group=group, dtype=torch.bfloat16)
+    if blocked:  # (else the row layout, which the same tiles transpose as they read it)
+        assert qw.use_block_layout()
+    x = w[3000:3001].bfloat16().float()
+    x[:, 7] = 0  # (without the outlier column every row shares)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = KERNEL.linear(qw, x, x8=True)
+        y, best = KERNEL.linear_argmax(qw, x)
+        assert torch.equal(y, want) and best == int(want.argmax(-1)) == 1000
+        assert KERNEL.linear_argmax(qw, x, store=False) == (None, best)
+        scales = qw.scales.clone()
+        for nan_rows, first in (([2600], 2600), ([3500, 700], 700)):
+            qw.scales.copy_(scales)
+            qw.scales[nan_rows] = float("nan")  # NaN rows: torch.argmax gives the first of them
+            want = KERNEL.linear(qw, x, x8=True)
+            assert int(want.argmax(-1)) == first and KERNEL.linear_argmax(qw, x)[1] == first
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
 @pytest.mark.parametrize("bits, group, x8", [(8, 32, False), (4, 32, False), (4, 32, True), (8, 16, True),
                                              (8, 32, True)])
 def test_tiny_activations_give_tiny_outputs(bits, group, x8):

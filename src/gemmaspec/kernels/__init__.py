@@ -79,7 +79,7 @@ class StackStep(ctypes.Structure):
                 ("mask_r", ctypes.c_void_p), ("full_cap", ctypes.c_int64), ("slots_f", ctypes.c_void_p),
                 ("S_f", ctypes.c_int), ("mask_f", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
                 ("final_eps", ctypes.c_float), *[(name, ctypes.c_void_p) for name in ("head", "logits", "best")],
-                ("bf16", ctypes.c_int), ("nthreads", ctypes.c_int)]
+                ("store_logits", ctypes.c_int), ("bf16", ctypes.c_int), ("nthreads", ctypes.c_int)]
 
 
 class StackCall:
@@ -119,6 +119,8 @@ class Kernels:
         P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.gsq_linear.argtypes = [I, I, I, I, P, I, I, P, P, P, I, I64, P, I]
         lib.gsq_linear.restype = None
+        lib.gsq_linear_argmax.argtypes = [I, I, I, I, P, I, P, P, P, I, I64, P, P, I]
+        lib.gsq_linear_argmax.restype = I
         lib.gsq_dequant.argtypes = [I, I, I, P, P, P, I, I, I64, I64, P, I]
         lib.gsq_dequant.restype = None
         lib.gsq_blocked.argtypes = [I, I, I, I]
@@ -141,6 +143,9 @@ class Kernels:
         lib.gs_gemma3_block.restype = None
         lib.gs_gemma3_step.argtypes = [P]
         lib.gs_gemma3_step.restype = I
+        lib.gs_gemma3_step_size.restype = I
+        if lib.gs_gemma3_step_size() != ctypes.sizeof(StackStep):
+            raise RuntimeError("StackStep does not match block.c's struct gs_gemma3_step")
         lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
         lib.gso_read_pass.argtypes = [P, P, I, I]
         lib.gso_read_pass.restype = ctypes.c_uint64
@@ -162,6 +167,18 @@ class Kernels:
         self.lib.gsq_linear(bits, f32, blocked, int(x8), x.data_ptr(), M, K, q, scales, bias, group, N, y.data_ptr(),
                             torch.get_num_threads())
         return y
+
+    def linear_argmax(self, w, x: torch.Tensor, store: bool = True) -> tuple[torch.Tensor | None, int] | None:
+        """linear(w, x, x8=True) for one row x [1, K] with its argmax found as the outputs are computed (the LM head
+        of a greedy decode step in block.c): (y [1, N] or None without store, the first maximum as torch.argmax
+        gives it), or None where w's format has no such kernel."""
+        bits, f32, blocked, q, scales, bias, group, N = w.kernel_args()
+        y = torch.empty(1, N, dtype=torch.float32) if store else None
+        best = ctypes.c_int64(-1)
+        if not self.lib.gsq_linear_argmax(bits, f32, blocked, 1, x.data_ptr(), x.shape[1], q, scales, bias, group, N,
+                                          _ptr(y), ctypes.byref(best), torch.get_num_threads()):
+            return None
+        return y, best.value
 
     def linear_float(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 @ weight [N, K]^T, weight float32 or bfloat16 (widened in registers), both contiguous
@@ -278,6 +295,7 @@ class Kernels:
             elif call.logits is None or call.logits.shape[0] < T:
                 call.logits = torch.empty(T, head.N, dtype=torch.float32)
             step.logits, step.best = (logits if want_logits else call.logits).data_ptr(), ctypes.addressof(call.best)
+            step.store_logits = want_logits
         step.x_out = (out if want_hidden else call.x_out).data_ptr()
         step.T, step.cos_l, step.sin_l, step.cos_f, step.sin_f = T, cos_l, sin_l, cos_f, sin_f
         step.ring_cap, step.slots_r, step.S_r, step.mask_r = ring if ring is not None else (0, None, 0, None)

@@ -17,6 +17,8 @@
 // the kernels of linear.c and ops.c
 void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, int K, const void *q, const void *s,
                 const void *b, int g, int64_t N, float *y, int nthreads);
+int gsq_linear_argmax(int bits, int f32, int blocked, int x8, const float *x, int K, const void *q, const void *s,
+                      const void *b, int g, int64_t N, float *y, int64_t *best, int nthreads);
 void gsq_linear_f32(const float *x, int M, int K, const float *w, int64_t N, float *y, int nthreads);
 void gsq_linear_bf16(const float *x, int M, int K, const uint16_t *w, int64_t N, float *y, int nthreads);
 void gso_rms_norm(const float *x, const float *w, float eps, int rows, int dim, const float *add, float *out);
@@ -88,6 +90,17 @@ static void matmul(const struct gs_weight *w, const float *x, int M, int K, floa
     else
         gsq_linear(w->kind, w->f32, w->blocked, bf16 || w->blocked, x, M, K, w->q, w->s, w->b, w->group, w->N, y,
                    nthreads);  // (a blocked weight is read by the int8-activation tiles, as QuantizedWeight.linear)
+}
+
+// matmul for one row of x that also gives *best, the first maximum of y, while the rows are computed (y NULL: not
+// stored): 0 where w's kernel cannot (nothing computed)
+static int matmul_argmax(const struct gs_weight *w, const float *x, int K, float *y, int64_t *best, int bf16,
+                         int nthreads) {
+#ifdef GS_ARGMAX_APART  // (an A/B switch: the head, then gso_argmax)
+    return 0;
+#endif
+    return w->kind > 1 && gsq_linear_argmax(w->kind, w->f32, w->blocked, bf16 || w->blocked, x, K, w->q, w->s, w->b,
+                                            w->group, w->N, y, best, nthreads);
 }
 
 // x_out[T, hidden] = the block applied to x_in. The new tokens' K/V go to cache slots slots[t] of kbuf/vbuf
@@ -203,7 +216,9 @@ static int embed_rows(const struct gs_weight *e, int K, const int64_t *ids, int 
 // ~0.25 ms with the caches cold.
 // head (NULL: none; with the final norm) is the LM head: logits[T, head->N] = x_out widened to float32 @ head^T,
 // as models/layers.py lm_logits computes them (the same kernel and values), and best[t] (NULL: none) the first
-// maximum of row t, as torch.argmax, while the logits are still in the cores' caches.
+// maximum of row t, as torch.argmax: for one row of an int8 / int4 head while its logits are computed, else
+// while they are still in the cores' caches. store_logits = 0 (with best): the logits buffer may be left as it
+// is (a greedy decode step then writes no 1 MB of logits).
 // ids (NULL: none) are the step's tokens: x_in is then first filled with their rows of the embedding table embed
 // (embed_rows above; ~0.1 ms of Python and PyTorch a step with the caches cold).
 struct gs_gemma3_step {
@@ -230,8 +245,10 @@ struct gs_gemma3_step {
     const struct gs_weight *head;
     float *logits;
     int64_t *best;
-    int bf16, nthreads;
+    int store_logits, bf16, nthreads;
 };
+
+int gs_gemma3_step_size(void) { return (int)sizeof(struct gs_gemma3_step); }  // (the ctypes mirror checks it)
 
 // Returns -1 (and computes nothing) for an id outside the table, else 0.
 int gs_gemma3_step(const struct gs_gemma3_step *a) {
@@ -268,10 +285,15 @@ int gs_gemma3_step(const struct gs_gemma3_step *a) {
     }
     if (a->head) {
         PHASE_START();
-        matmul(a->head, normed, T, H, a->logits, bf16, a->nthreads);
-        PHASE(PH_HEAD);
-        if (a->best) gso_argmax(a->logits, T, a->head->N, a->best, a->nthreads);
-        PHASE(PH_ARGMAX);
+        if (a->best && T == 1 &&
+            matmul_argmax(a->head, normed, H, a->store_logits ? a->logits : NULL, a->best, bf16, a->nthreads)) {
+            PHASE(PH_HEAD);  // (with its argmax)
+        } else {
+            matmul(a->head, normed, T, H, a->logits, bf16, a->nthreads);
+            PHASE(PH_HEAD);
+            if (a->best) gso_argmax(a->logits, T, a->head->N, a->best, a->nthreads);
+            PHASE(PH_ARGMAX);
+        }
     }
     if (bf16) free(normed);
     return 0;

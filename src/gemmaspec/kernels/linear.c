@@ -1109,6 +1109,31 @@ static inline int x8_blocks_for(int bits, int G) {
 #define TILE8_CALL(FN, BITS, ...) FN(BITS, __VA_ARGS__)
 #endif
 
+// A running first maximum of a row of outputs (torch.argmax: the first NaN, else the first largest value), one
+// per thread's range of rows, merged in range order (ops.c gso_argmax's rule)
+struct first_max {
+    float val;
+    int64_t at;
+    int nan;
+};
+
+static inline void first_max_take(struct first_max *f, float v, int64_t at) {
+    if (f->nan) return;
+    if (v != v) {
+        f->nan = 1, f->at = at;
+    } else if (v > f->val) {
+        f->val = v, f->at = at;
+    }
+}
+
+static inline int this_thread(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 struct job8 {
     int M, K, G, blocks, blocked;  // blocks: the AVX-512 block tiles and x layout; blocked: W in the block layout
     size_t xq_step, xc_step;      // from one row of x to the next: bytes of xq, values of xsc / xcorr
@@ -1120,7 +1145,8 @@ struct job8 {
     const char *q, *s, *b;
     size_t srow;
     int64_t N;
-    float *y;
+    float *y;                // NULL: not stored (M = 1 with maxima)
+    struct first_max *maxima;  // NULL, or M = 1: each thread's first maximum of y over its rows
 };
 
 #define TILE8(MTC) TILE8_CALL(tile8, BITS, SG, f32, qn, sn, bn, jb->xq_stride, jb->xq + m0 * jb->xq_step, jb->xsc + m0 * jb->xc_step, \
@@ -1137,6 +1163,7 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
     const size_t row_bytes = (size_t)G * 16, srow = jb->srow;                                                   \
     float r[QMT];                                                                                               \
     int64_t row = n_begin;                                                                                      \
+    struct first_max best = {-INFINITY, n_begin, 0};                                                            \
     if (M == 1) {                                                                                               \
         for (; row + QR <= n_end; row += QR) {                                                                  \
             const int ahead = row + (PF_TILES + 1) * QR <= n_end;                                               \
@@ -1151,7 +1178,10 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
             TILE8_CALL(tile8_rows, BITS, SG, f32, jb->q + (size_t)row * row_bytes, row_bytes, jb->s + (size_t)row * srow, srow, \
                        jb->b ? jb->b + (size_t)row * srow : NULL, jb->xq, jb->xsc, jb->xcorr, jb->xs, G,         \
                        spread ? pf : NULL, r);                                                                  \
-            for (int i = 0; i < QR; i++) jb->y[row + i] = r[i];                                                 \
+            if (jb->y)                                                                                          \
+                for (int i = 0; i < QR; i++) jb->y[row + i] = r[i];                                             \
+            if (jb->maxima)                                                                                     \
+                for (int i = 0; i < QR; i++) first_max_take(&best, r[i], row + i);                              \
         }                                                                                                       \
     }                                                                                                           \
     for (; row < n_end; row++) {                                                                                \
@@ -1168,9 +1198,12 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
                 case 2: TILE8(2); break;                                                                        \
                 default: TILE8(1); break;                                                                       \
             }                                                                                                   \
-            for (int mm = 0; mm < tm; mm++) jb->y[(size_t)(m0 + mm) * jb->N + row] = r[mm];                     \
+            if (jb->y)                                                                                          \
+                for (int mm = 0; mm < tm; mm++) jb->y[(size_t)(m0 + mm) * jb->N + row] = r[mm];                 \
+            if (jb->maxima) first_max_take(&best, r[0], row);                                                   \
         }                                                                                                       \
     }                                                                                                           \
+    if (jb->maxima) jb->maxima[this_thread()] = best;                                                           \
 }
 RANGE8_FN(range_i4x8_h, 4, 0, 0)
 RANGE8_FN(range_i4x8_f, 4, 0, 1)
@@ -1183,9 +1216,10 @@ RANGE8_FN(range_i8g32x8_f, 8, 1, 1)
 #undef WIDE_TILES8
 
 // int4 in groups of 32, int8 in groups of 16, or int8 in groups of 32 without biases (two byte groups per scale),
-// int8 activations
+// int8 activations. best (NULL: none; M = 1): the first maximum of y, found as the rows are computed (y may then
+// be NULL: not stored)
 static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int K, const void *q, const void *s,
-                      const void *b, int g, int64_t N, float *y, int nthreads) {
+                      const void *b, int g, int64_t N, float *y, int64_t *best, int nthreads) {
     const int G = K / BYTE_GROUP(bits), with_sums = b || bits == 4;
     size_t xq_step = (size_t)K, xc_step = (size_t)G, xq_stride = xq_step, xc_stride = xc_step;
     size_t xq_row = xq_step, xc_row = xc_step;  // per row of x in all
@@ -1206,11 +1240,21 @@ static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int
     else
 #endif
         quantize_rows_i8(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
+    const int nt = nthreads > 1 ? nthreads : 1;
+    struct first_max *maxima = best ? (struct first_max *)malloc(sizeof(struct first_max) * nt) : NULL;
+    for (int t = 0; maxima && t < nt; t++) maxima[t] = (struct first_max){-INFINITY, 0, 0};  // (threads unused)
     const struct job8 jb = {M, K, G, blocks, blocked, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
-                            (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y};
+                            (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y, maxima};
     static const row_range_fn fns[3][2] = {
         {range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}, {range_i8g32x8_h, range_i8g32x8_f}};
     split_rows(fns[bits == 4 ? 0 : g == 16 ? 1 : 2][f32 != 0], &jb, N, 4, N * K * M, nthreads);
+    if (maxima) {  // the ranges in order: the first with a NaN, else the first with the largest maximum
+        int w = 0;
+        for (int t = 1; t < nt && !maxima[w].nan; t++)
+            if (maxima[t].nan || maxima[t].val > maxima[w].val) w = t;
+        *best = maxima[w].at;
+        free(maxima);
+    }
     free(xq);
     free(xsc);
     free(xcorr);
@@ -1271,7 +1315,7 @@ void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, i
         return;
     }
     if (x8_ok) {
-        linear_x8(bits, f32, blocked, x, M, K, q, s, b, g, N, y, nthreads);
+        linear_x8(bits, f32, blocked, x, M, K, q, s, b, g, N, y, NULL, nthreads);
         return;
     }
     const int G = K / g;
@@ -1287,6 +1331,18 @@ void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, i
     split_rows(fn, &jb, N, 4, N * K * M, nthreads);
     free(xq);
     free(xsc);
+}
+
+// gsq_linear for one row of x that also gives *best = the first maximum of y (torch.argmax: the first NaN, else
+// the first largest value), found while the rows are computed (a decode step's LM head: no pass over 1 MB of
+// cold logits after it); y may be NULL (not stored). Returns 0 where W's kernel has no such path (nothing
+// computed: take gsq_linear and an argmax).
+int gsq_linear_argmax(int bits, int f32, int blocked, int x8, const float *x, int K, const void *q, const void *s,
+                      const void *b, int g, int64_t N, float *y, int64_t *best, int nthreads) {
+    if (N <= 0 || !(x8 && x8_format(bits, g, b != NULL)) || (blocked && !gsq_blocked(bits, K, g, b != NULL)))
+        return 0;
+    linear_x8(bits, f32, blocked, x, 1, K, q, s, b, g, N, y, best, nthreads);
+    return 1;
 }
 
 int gsq_max_group(void) { return MAX_GROUP; }
