@@ -198,6 +198,42 @@ def test_embedding_in_the_c_stack_equals_the_lookup(tiny_gemma3_dir, dtype, weig
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
+@pytest.mark.parametrize("dtype,weights", [("float32", "float"), ("bfloat16", "int8"), ("bfloat16", "int4")])
+def test_greedy_runs_in_one_call_equal_step_by_step_decoding(tiny_gemma3_dir, dtype, weights):
+    """decode_greedy (a run of greedy steps in one C call: each step's slots, masks, RoPE rows and ring positions
+    in C) chooses the tokens that forward_logits gives step by step and leaves the cache as those steps do, past
+    the sliding ring's end (8 + 8 slots) and across runs; it stops after a stop id, which it returns."""
+    from gemmaspec.loading import load_model
+
+    model = load_model(str(tiny_gemma3_dir), dtype=dtype, device="cpu", weights=weights).model
+    prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        step_cache, run_cache = model.new_cache(64, spec_margin=8), model.new_cache(64, spec_margin=8)
+        first = int(model.logits(model(prompt, step_cache)[-1:]).argmax(-1))
+        model(prompt, run_cache)
+        want, token = [], first
+        for _ in range(40):
+            _, _, best = model.forward_logits([token], step_cache, logits=False)
+            token = best[0]
+            want.append(token)
+        got, token = [], first
+        for steps in (1, 3, 16, 20):
+            run = model.decode_greedy(token, run_cache, steps, set())
+            assert len(run) == steps
+            got += run
+            token = run[-1]
+        assert got == want and run_cache.length == step_cache.length
+        assert torch.equal(run_cache.slot_pos, step_cache.slot_pos)
+        after_steps = model.forward_logits([token], step_cache)[1]
+        assert torch.equal(model.forward_logits([token], run_cache)[1], after_steps)  # the same K/V, masks, ring
+        stop = want[6]  # a stop id ends the run after it
+        stop_cache = model.new_cache(64, spec_margin=8)
+        model(prompt, stop_cache)
+        run = model.decode_greedy(first, stop_cache, 30, {stop, 95})
+        assert run == want[:want.index(stop) + 1] and stop_cache.length == 5 + len(run)
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="no C compiler: kernels not built")
 def test_c_stack_after_a_forward_with_autograd_on(tiny_gemma3_dir, monkeypatch):
     """A cache whose first forward ran with autograd on (the per-layer path) takes the C stack for later steps
     under inference mode: the C path is not written off for that cache."""

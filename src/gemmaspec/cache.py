@@ -95,6 +95,12 @@ class KVCache:
                 self.slot_pos[slots] = pos
         self._step = None
 
+    def end_decoded(self, n: int) -> None:
+        """End a begin(1) whose C call decoded n tokens from there on its own (block.c gs_gemma3_decode: it wrote
+        their K/V, and their ring slots into slot_pos)."""
+        self.length = self._step.start + n
+        self._step = None
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> AttentionView:
         """Store this forward's k/v [n_kv, T, d] for `layer` and return what the layer attends to."""
         step = self._step

@@ -144,6 +144,8 @@ class Kernels:
         lib.gs_gemma3_step.argtypes = [P]
         lib.gs_gemma3_step.restype = I
         lib.gs_gemma3_step_size.restype = I
+        lib.gs_gemma3_decode.argtypes = [P, I64, I, I64, P, I64, I64, P, I, P]
+        lib.gs_gemma3_decode.restype = I
         if lib.gs_gemma3_step_size() != ctypes.sizeof(StackStep):
             raise RuntimeError("StackStep does not match block.c's struct gs_gemma3_step")
         lib.gso_step_views.argtypes = [P, I64, I64, I64, I, P, P, P, P]
@@ -290,11 +292,9 @@ class Kernels:
         head = call.head if with_head else None
         logits = None
         if head is not None:
-            if want_logits:
-                logits = torch.empty(T, head.N, dtype=torch.float32)
-            elif call.logits is None or call.logits.shape[0] < T:
-                call.logits = torch.empty(T, head.N, dtype=torch.float32)
-            step.logits, step.best = (logits if want_logits else call.logits).data_ptr(), ctypes.addressof(call.best)
+            logits = torch.empty(T, head.N, dtype=torch.float32) if want_logits else None
+            step.logits = (logits if want_logits else _grown_logits(call, T)).data_ptr()
+            step.best = ctypes.addressof(call.best)
             step.store_logits = want_logits
         step.x_out = (out if want_hidden else call.x_out).data_ptr()
         step.T, step.cos_l, step.sin_l, step.cos_f, step.sin_f = T, cos_l, sin_l, cos_f, sin_f
@@ -305,6 +305,33 @@ class Kernels:
         if self.lib.gs_gemma3_step(call.step_ptr):
             raise IndexError(f"embedding row out of range [0, {call.vocab})")
         return out, logits, None if head is None else call.best[:T]
+
+    def gemma3_decode(self, call: StackCall, first_id: int, steps: int, start: int, slot_pos: torch.Tensor | None,
+                      window: int, cos_l: int, sin_l: int, cos_f: int, sin_f: int, rope_row: int, ring, full,
+                      stop_ids: list[int]) -> list[int]:
+        """Greedy decoding of up to `steps` tokens in one call (block.c gs_gemma3_decode): first_id at position
+        `start`, then each step's argmax, stopping after one in stop_ids; returns the tokens the steps chose. The
+        call's head must be set. cos/sin: the addresses of position start's float32 RoPE rows, the next positions'
+        rope_row floats apart; ring / full: cache.kernel_views' views for one token at `start` (their buffers are
+        rewritten for each step); slot_pos: the cache's ring positions (updated in place), None without a ring."""
+        step = call.step
+        if call.head is None or call.vocab is None or steps < 1:
+            raise ValueError("a decode call needs the embedding table, the LM head and at least one step")
+        if not 0 <= first_id < call.vocab:
+            raise IndexError(f"embedding row out of range [0, {call.vocab})")
+        out = (ctypes.c_int64 * steps)()
+        stops = (ctypes.c_int64 * max(len(stop_ids), 1))(*stop_ids)
+        step.ids, step.x_in, step.x_out = ctypes.addressof(call.ids), call.x_in.data_ptr(), call.x_out.data_ptr()
+        step.logits, step.best, step.store_logits = _grown_logits(call, 1).data_ptr(), ctypes.addressof(call.best), 0
+        step.T, step.cos_l, step.sin_l, step.cos_f, step.sin_f = 1, cos_l, sin_l, cos_f, sin_f
+        step.ring_cap, step.slots_r, step.S_r, step.mask_r = ring if ring is not None else (0, None, 0, None)
+        step.full_cap, step.slots_f, step.S_f, step.mask_f = full if full is not None else (0, None, 0, None)
+        step.head, step.nthreads = ctypes.addressof(call.head), torch.get_num_threads()
+        n = self.lib.gs_gemma3_decode(call.step_ptr, first_id, steps, start, _ptr(slot_pos), window, rope_row, stops,
+                                      len(stop_ids), out)
+        if n < 0:
+            raise IndexError(f"embedding row out of range [0, {call.vocab})")
+        return out[:n]
 
     def step_views(self, slot_pos: torch.Tensor | None, ring: int, window: int, start: int, T: int, slots_r,
                    mask_r, slots_f, mask_f) -> None:
@@ -357,6 +384,13 @@ class ReadPass:
 
 def _f32(w) -> int:
     return int(w.scales.dtype == torch.float32)
+
+
+def _grown_logits(call: StackCall, T: int) -> torch.Tensor:
+    """The call's buffer for logits its caller does not take (the head's argmax only), grown to T rows."""
+    if call.logits is None or call.logits.shape[0] < T:
+        call.logits = torch.empty(T, call.head.N, dtype=torch.float32)
+    return call.logits
 
 
 def _ptr(t: torch.Tensor | None):

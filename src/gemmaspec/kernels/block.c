@@ -30,6 +30,8 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
                    int nthreads);
 void gso_gelu_mul(const float *gu, int T, int I, float *out);
 void gso_argmax(const float *x, int R, int64_t n, int64_t *out, int nthreads);
+void gso_step_views(const int64_t *slot_pos, int64_t ring, int64_t window, int64_t start, int T, int64_t *slots_r,
+                    uint8_t *mask_r, int64_t *slots_f, uint8_t *mask_f);
 int gsq_rows(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K, int g, int64_t N,
              const int64_t *ids, int64_t R, void *out, int out_bf16);
 
@@ -297,4 +299,36 @@ int gs_gemma3_step(const struct gs_gemma3_step *a) {
     }
     if (bf16) free(normed);
     return 0;
+}
+
+// Greedy decoding of up to `steps` tokens in one call (a plain greedy generation: the Python around each step,
+// ~0.1-0.2 ms with the caches cold, once per call instead of once per token). Token 0 is first_id at position
+// start; each step is gs_gemma3_step for one row, and its argmax (out[i]) is the next step's token. Per step
+// this does what the Python around gs_gemma3_step does (cache.py kernel_views and end): the step's slots and
+// masks (gso_step_views) into the buffers `a` points to, its RoPE rows (those of `a` are position start's,
+// rope_row floats apart), and after the step the ring's slot_pos (ring: a->ring_cap, 0 for none). `a` is set for
+// T = 1 with ids, head and best. Stops after a token in stop_ids. Returns the number of tokens in out, -1 for an
+// id outside the embedding table (the cache then holds the steps before it).
+int gs_gemma3_decode(struct gs_gemma3_step *a, int64_t first_id, int steps, int64_t start, int64_t *slot_pos,
+                     int64_t window, int64_t rope_row, const int64_t *stop_ids, int n_stop, int64_t *out) {
+    const float *cos_l = a->cos_l, *sin_l = a->sin_l, *cos_f = a->cos_f, *sin_f = a->sin_f;
+    const int64_t ring = a->ring_cap;
+    int64_t id = first_id;
+    int n = 0;
+    while (n < steps) {
+        const int64_t p = start + n;
+        gso_step_views(ring ? slot_pos : NULL, ring, window, p, 1, (int64_t *)a->slots_r, (uint8_t *)a->mask_r,
+                       (int64_t *)a->slots_f, NULL);
+        a->S_f = (int)(p + 1);
+        a->cos_l = cos_l + n * rope_row, a->sin_l = sin_l + n * rope_row;
+        a->cos_f = cos_f + n * rope_row, a->sin_f = sin_f + n * rope_row;
+        *(int64_t *)a->ids = id;
+        if (gs_gemma3_step(a)) return n ? n : -1;
+        if (ring) slot_pos[p % ring] = p;
+        id = out[n++] = a->best[0];
+        int stop = 0;
+        for (int i = 0; i < n_stop && !stop; i++) stop = id == stop_ids[i];
+        if (stop) break;
+    }
+    return n;
 }

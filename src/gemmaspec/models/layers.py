@@ -120,6 +120,10 @@ class RopeTables:
         offset = (start - held[0]) * held[5]
         return held[3] + offset, held[4] + offset
 
+    def row_floats(self) -> int:
+        """Floats from one position's row to the next in pointers()' tables."""
+        return 2 * self.inv_freq.numel()
+
     def _hold(self, start: int, n: int) -> tuple:
         """(first position, cos, sin, their addresses, bytes per row) of ROWS positions covering start .. + n."""
         held = self._held
