@@ -35,6 +35,27 @@ def test_drafts_always_fail_gives_plain_decoding():
     assert max(tail) <= 1
 
 
+def test_plain_runs_end_where_the_controller_would_probe():
+    """After a plain choice the engine may take plain_steps() plain steps in one call (update_plain): the
+    controller then probes on the step it would have probed on had it chosen each of them."""
+    by_step, by_run = AdaptiveDraftLength(8, VerifyCostModel()), AdaptiveDraftLength(8, VerifyCostModel())
+    one_by_one = _run(by_step, 120, accept_prob=0.0, verify_time=linear_cost())
+    in_runs = []
+    while len(in_runs) < 120:
+        k = by_run.choose()
+        if k:
+            in_runs.append(k)
+            by_run.update(k, 0, 0.0, linear_cost()(k + 1))
+            continue
+        n = by_run.plain_steps()
+        assert n >= 1
+        in_runs += [0] * n
+        by_run.update_plain(n, n * linear_cost()(1))
+    assert in_runs[:120] == one_by_one
+    assert max(len(r) for r in "".join(map(str, in_runs)).split("1")) >= 8  # the back-off gives long plain runs
+    assert DraftLengthPolicy(0).plain_steps() >= 1 << 20  # a fixed length of 0: plain from start to end
+
+
 def test_drafts_always_pass_gives_long_drafts():
     policy = AdaptiveDraftLength(8, VerifyCostModel())
     chosen = _run(policy, 100, accept_prob=1.0, verify_time=linear_cost())

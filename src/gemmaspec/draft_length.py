@@ -35,6 +35,15 @@ class DraftLengthPolicy:
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         pass
 
+    def plain_steps(self) -> int:
+        """After choose() gave 0: how many plain steps may go in a row before the policy is asked again (the
+        engine may take them in one call)."""
+        return 1 << 30
+
+    def update_plain(self, steps: int, seconds: float) -> None:
+        """A run of `steps` plain steps (at most plain_steps()) took `seconds`."""
+        self.update(0, 0, 0.0, seconds / steps)
+
 
 class VerifyCostModel:
     """Seconds of one target pass over T tokens, learned online as an exponential moving average."""
@@ -77,6 +86,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
         self.zero_streak = 0
         self.probe_every = 4
         self.probing = False
+        self._plain_steps = 1  # plain_steps() after the last choose()
 
     def acceptance(self) -> list[float]:
         """Acceptance per draft position; each position's prior is the estimate of the one before it."""
@@ -113,6 +123,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
     def choose(self, limit: int | None = None) -> int:
         self.probing = False
+        self._plain_steps = 1
         limit = self.max_tokens if limit is None else min(limit, self.max_tokens)
         if not self.costs.seconds:  # nothing measured yet: start with a modest draft
             return min(2, limit)
@@ -125,9 +136,17 @@ class AdaptiveDraftLength(DraftLengthPolicy):
                 self.zero_streak = 0
                 self.probing = True
                 return 1
+            self._plain_steps = self.probe_every - self.zero_streak  # the plain steps until the next probe
         else:
             self.zero_streak = 0
         return best_k
+
+    def plain_steps(self) -> int:
+        return self._plain_steps
+
+    def update_plain(self, steps: int, seconds: float) -> None:
+        self.zero_streak += steps - 1  # (as if choose() had given 0 for each)
+        self.update(0, 0, 0.0, seconds / steps)
 
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         self.costs.observe(drafted + 1, verify_seconds)

@@ -160,9 +160,10 @@ class Engine:
         last_hidden = hidden[-1]
         stats.prefill_seconds = time.perf_counter() - t0
         pending = [first]
-        # Greedy decoding without a drafter takes runs of steps in one call where the model has one (the tokens
-        # then stream a run at a time: 1, 2, 4, then PLAIN_RUN)
-        plain_run = 1 if max_draft == 0 and params.greedy and hasattr(model, "decode_greedy") else None
+        # Greedy steps without drafts go in runs of steps in one call where the model has one, as many as the
+        # policy allows before it wants a say again (the tokens then stream a run at a time: 1, 2, 4, then
+        # PLAIN_RUN)
+        plain_run = 1 if params.greedy and hasattr(model, "decode_greedy") else None
         t_decode = time.perf_counter()
         finish = None
         while True:
@@ -195,18 +196,23 @@ class Engine:
             if step_ids or delta:
                 yield StreamChunk(delta, step_ids)
 
+            # Draft, then verify the last token plus the drafts in one target pass.
             remaining = max_new - len(new_ids)
-            if plain_run is not None:  # greedy plain decoding: a run of steps in one call, then emit them
+            k = min(policy.choose(), remaining - 1, capacity - cache.length - 2)
+            if k == 0 and plain_run is not None:  # greedy plain steps: a run of them in one call, then emit them
                 t = time.perf_counter()
-                run = model.decode_greedy(tokens[-1], cache, min(plain_run, remaining), eos_ids)
+                run = model.decode_greedy(tokens[-1], cache, min(plain_run, policy.plain_steps(), remaining), eos_ids,
+                                          hidden=drafter.needs_hidden)
                 if run is not None:
-                    stats.verify_seconds += time.perf_counter() - t
+                    if drafter.needs_hidden:
+                        run, last_hidden = run
+                    seconds = time.perf_counter() - t
+                    stats.verify_seconds += seconds
                     stats.target_forward_passes += len(run)
+                    policy.update_plain(len(run), seconds)
                     pending, plain_run = run, min(2 * plain_run, PLAIN_RUN)
                     continue
                 plain_run = None  # no such call for this model or cache: a pass at a time
-            # Draft, then verify the last token plus the drafts in one target pass.
-            k = min(policy.choose(), remaining - 1, capacity - cache.length - 2)
             draft_tokens, draft_probs, draft_seconds = [], None, 0.0
             if k > 0:
                 t = time.perf_counter()

@@ -257,12 +257,13 @@ class Gemma3Model(nn.Module):
             return states, self.logits(states), None
         return states, head_logits, best
 
-    def decode_greedy(self, first_id: int, cache: KVCache, steps: int, stop_ids: set[int]) -> list[int] | None:
+    def decode_greedy(self, first_id: int, cache: KVCache, steps: int, stop_ids: set[int],
+                      hidden: bool = False) -> list[int] | tuple[list[int], torch.Tensor] | None:
         """Greedy decoding of up to `steps` tokens in one C call (kernels/block.c gs_gemma3_decode): first_id at
         the cache's next position, then each step's argmax, stopping after one in stop_ids; returns the tokens the
-        steps chose (the cache holds all the steps). Each step is exactly forward_logits([token], logits=False)'s,
-        without the Python around it (~0.15 ms a token with the caches cold). None where that call cannot run
-        (then nothing is computed)."""
+        steps chose (the cache holds all the steps), with hidden the last step's final hidden state [hidden] too.
+        Each step is exactly forward_logits([token], logits=False)'s, without the Python around it (~0.15 ms a
+        token with the caches cold). None where that call cannot run (then nothing is computed)."""
         fast = kernels.load()
         start = cache.length
         steps = min(steps, cache.capacity - start, RopeTables.ROWS)
@@ -291,7 +292,7 @@ class Gemma3Model(nn.Module):
             cache.end_decoded(0)
             raise
         cache.end_decoded(len(tokens))
-        return tokens
+        return (tokens, call.x_out[0].clone()) if hidden else tokens
 
     def _forward(self, input_ids: torch.Tensor | list[int], cache: KVCache, with_head: bool,
                  want_logits: bool = True, want_hidden: bool = True):
