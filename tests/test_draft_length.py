@@ -56,6 +56,22 @@ def test_plain_runs_end_where_the_controller_would_probe():
     assert DraftLengthPolicy(0).plain_steps() >= 1 << 20  # a fixed length of 0: plain from start to end
 
 
+def test_a_run_of_plain_steps_weighs_in_the_cost_model_as_its_steps():
+    """update_plain's run of s steps moves the plain-step cost estimate as s observations would, not as one."""
+    one_by_one, in_one = VerifyCostModel(), VerifyCostModel()
+    for model in (one_by_one, in_one):
+        model.observe(1, 0.010)
+    for _ in range(6):
+        one_by_one.observe(1, 0.004)
+    in_one.observe(1, 0.004, count=6)
+    assert abs(in_one.estimate(1) - one_by_one.estimate(1)) < 1e-12
+    assert in_one.estimate(1) < 0.006  # 0.00557 (a single observation would have left it at 0.0088)
+    policy = AdaptiveDraftLength(8, VerifyCostModel())
+    policy.update(0, 0, 0.0, 0.010)
+    policy.update_plain(6, 6 * 0.004)
+    assert abs(policy.costs.estimate(1) - one_by_one.estimate(1)) < 1e-12
+
+
 def test_drafts_always_pass_gives_long_drafts():
     policy = AdaptiveDraftLength(8, VerifyCostModel())
     chosen = _run(policy, 100, accept_prob=1.0, verify_time=linear_cost())

@@ -113,6 +113,13 @@ def test_max_new_tokens_and_stop_inside_accepted_run(tiny_target):
     result = engine.generate(PROMPTS[0], max_new_tokens=30, stop=[stop])
     assert result.finish_reason == "stop"
     assert result.text == text[: text.index(stop)]
+    # Plain decoding takes its steps in runs (1, 2, 4, then 8) and cuts a run at a stop string that ends on the
+    # 13th token; the run's steps past it made no output token and are not counted as passes
+    stop = " ".join(text.split()[:13])
+    result = plain.generate(PROMPTS[0], max_new_tokens=30, stop=[stop])
+    assert result.finish_reason == "stop" and result.text == text[: text.index(stop)]
+    assert len(result.token_ids) == 13 and result.stats.target_forward_passes == 12
+    assert result.stats.mean_accepted_length == 1.0
 
 
 def test_streaming_emits_verified_tokens_in_order(tiny_target):

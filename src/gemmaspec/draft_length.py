@@ -52,9 +52,10 @@ class VerifyCostModel:
         self.smoothing = smoothing
         self.seconds: dict[int, float] = {}
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
+    def observe(self, n_tokens: int, seconds: float, count: int = 1) -> None:
+        """`count` passes that took `seconds` each (a run of plain steps: one observation per step)."""
         old = self.seconds.get(n_tokens)
-        self.seconds[n_tokens] = seconds if old is None else old + self.smoothing * (seconds - old)
+        self.seconds[n_tokens] = seconds if old is None else seconds + (1 - self.smoothing) ** count * (old - seconds)
 
     def estimate(self, n_tokens: int) -> float | None:
         if n_tokens in self.seconds:
@@ -146,7 +147,7 @@ class AdaptiveDraftLength(DraftLengthPolicy):
 
     def update_plain(self, steps: int, seconds: float) -> None:
         self.zero_streak += steps - 1  # (as if choose() had given 0 for each)
-        self.update(0, 0, 0.0, seconds / steps)
+        self.costs.observe(1, seconds / steps, count=steps)
 
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         self.costs.observe(drafted + 1, verify_seconds)

@@ -166,11 +166,12 @@ class Engine:
         plain_run = 1 if params.greedy and hasattr(model, "decode_greedy") else None
         t_decode = time.perf_counter()
         finish = None
+        from_run = False  # pending came from a run of plain steps, a target pass each
         while True:
             # Emit what the last step verified, one token at a time so stops land exactly.
             step_ids: list[int] = []
             cut_at_stop_string = False
-            for tok in pending:
+            for used, tok in enumerate(pending, 1):
                 if tok in eos_ids:
                     finish = "stop"
                     break
@@ -183,6 +184,8 @@ class Engine:
                     if cut is not None:
                         decoder.text = decoder.text[:cut]
                         finish, cut_at_stop_string = "stop", True
+                        if from_run:  # the run's steps past the stop string made no token of the output
+                            stats.target_forward_passes -= len(pending) - used
                         break
                 if len(new_ids) >= max_new:
                     finish = "length"
@@ -204,13 +207,12 @@ class Engine:
                 run = model.decode_greedy(tokens[-1], cache, min(plain_run, policy.plain_steps(), remaining), eos_ids,
                                           hidden=drafter.needs_hidden)
                 if run is not None:
-                    if drafter.needs_hidden:
-                        run, last_hidden = run
+                    run, last_hidden = run if drafter.needs_hidden else (run, None)
                     seconds = time.perf_counter() - t
                     stats.verify_seconds += seconds
                     stats.target_forward_passes += len(run)
                     policy.update_plain(len(run), seconds)
-                    pending, plain_run = run, min(2 * plain_run, PLAIN_RUN)
+                    pending, plain_run, from_run = run, min(2 * plain_run, PLAIN_RUN), True
                     continue
                 plain_run = None  # no such call for this model or cache: a pass at a time
             draft_tokens, draft_probs, draft_seconds = [], None, 0.0
@@ -235,7 +237,7 @@ class Engine:
             if draft_tokens:
                 drafter.observe(n_accepted)
             policy.update(len(draft_tokens), n_accepted, draft_seconds, verify_seconds)
-            pending = draft_tokens[:n_accepted] + [next_token]
+            pending, from_run = draft_tokens[:n_accepted] + [next_token], False
 
         stats.decode_seconds = time.perf_counter() - t_decode
         stats.new_tokens = len(new_ids)

@@ -319,6 +319,8 @@ class Kernels:
             raise ValueError("a decode call needs the embedding table, the LM head and at least one step")
         if not 0 <= first_id < call.vocab:
             raise IndexError(f"embedding row out of range [0, {call.vocab})")
+        if call.head.N > call.vocab:  # a step's argmax is the next step's id: it must have an embedding row
+            raise ValueError(f"an LM head of {call.head.N} rows over an embedding table of {call.vocab}")
         out = (ctypes.c_int64 * steps)()
         stops = (ctypes.c_int64 * max(len(stop_ids), 1))(*stop_ids)
         step.ids, step.x_in, step.x_out = ctypes.addressof(call.ids), call.x_in.data_ptr(), call.x_out.data_ptr()

@@ -308,7 +308,8 @@ int gs_gemma3_step(const struct gs_gemma3_step *a) {
 // masks (gso_step_views) into the buffers `a` points to, its RoPE rows (those of `a` are position start's,
 // rope_row floats apart), and after the step the ring's slot_pos (ring: a->ring_cap, 0 for none). `a` is set for
 // T = 1 with ids, head and best. Stops after a token in stop_ids. Returns the number of tokens in out, -1 for an
-// id outside the embedding table (the cache then holds the steps before it).
+// id outside the embedding table (only first_id can be: the caller checks that the head has no more rows than the
+// table; a later failure would return the steps done).
 int gs_gemma3_decode(struct gs_gemma3_step *a, int64_t first_id, int steps, int64_t start, int64_t *slot_pos,
                      int64_t window, int64_t rope_row, const int64_t *stop_ids, int n_stop, int64_t *out) {
     const float *cos_l = a->cos_l, *sin_l = a->sin_l, *cos_f = a->cos_f, *sin_f = a->sin_f;

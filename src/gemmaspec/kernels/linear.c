@@ -1147,6 +1147,8 @@ struct job8 {
     int64_t N;
     float *y;                // NULL: not stored (M = 1 with maxima)
     struct first_max *maxima;  // NULL, or M = 1: each thread's first maximum of y over its rows
+    int n_maxima;  // its entries (a call on one thread inside another team, split_rows running it on the caller,
+                   // writes entry 0 whatever its number there: the only range)
 };
 
 #define TILE8(MTC) TILE8_CALL(tile8, BITS, SG, f32, qn, sn, bn, jb->xq_stride, jb->xq + m0 * jb->xq_step, jb->xsc + m0 * jb->xc_step, \
@@ -1203,7 +1205,7 @@ static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int
             if (jb->maxima) first_max_take(&best, r[0], row);                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    if (jb->maxima) jb->maxima[this_thread()] = best;                                                           \
+    if (jb->maxima) jb->maxima[this_thread() < jb->n_maxima ? this_thread() : 0] = best;                        \
 }
 RANGE8_FN(range_i4x8_h, 4, 0, 0)
 RANGE8_FN(range_i4x8_f, 4, 0, 1)
@@ -1244,7 +1246,7 @@ static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int
     struct first_max *maxima = best ? (struct first_max *)malloc(sizeof(struct first_max) * nt) : NULL;
     for (int t = 0; maxima && t < nt; t++) maxima[t] = (struct first_max){-INFINITY, 0, 0};  // (threads unused)
     const struct job8 jb = {M, K, G, blocks, blocked, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
-                            (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y, maxima};
+                            (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y, maxima, nt};
     static const row_range_fn fns[3][2] = {
         {range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}, {range_i8g32x8_h, range_i8g32x8_f}};
     split_rows(fns[bits == 4 ? 0 : g == 16 ? 1 : 2][f32 != 0], &jb, N, 4, N * K * M, nthreads);

@@ -273,8 +273,8 @@ class Gemma3Model(nn.Module):
         if cached is None or cached[0]() is not cache:
             cached = self.__dict__["_stack_cache"] = (self._cache_ref(cache), *self._stack_call(cache))
         call = cached[1]
-        if call is None or call.head is None or not call.has_table:
-            return None
+        if call is None or call.head is None or not call.has_table or call.head.N > call.vocab:
+            return None  # (each step's argmax is the next step's id: the head's rows must all have an embedding)
         cache.begin(1, positions=False)
         views = cache.kernel_views(fast)  # (one token's buffers: the call recomputes them for each step)
         if views is None:
