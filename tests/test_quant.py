@@ -206,6 +206,26 @@ def test_block_layout_changes_no_output(bits, group, K, f32_scales):
     assert torch.equal(qw.q, row_q)
 
 
+@pytest.mark.skipif(not BLOCK_TILES, reason="no AVX-512 block tiles in this CPU's kernel build")
+@pytest.mark.parametrize("K", [512, 640, 1152, 1536, 1664, 2048, 2176,  # one-row int4 tiles specialised by shape
+                               544, 2560])  # the general one-row tiles: a quad of 1 group, 5 full blocks
+@pytest.mark.parametrize("f32_scales", [False, True])
+def test_int4_one_row_tiles_equal_the_multi_row_tiles(K, f32_scales):
+    """Plain decoding's one-row int4 tiles (four weight rows side by side, linear.c tile8_rows_i4 for the shapes it
+    specialises) give each output bit for bit what the tiles of several rows of x give it (speculative verification
+    must see exactly the values plain decoding would), and both match the exact product."""
+    qw = quantize(_weight(N=37, K=K, seed=K), 4, group=32, dtype=torch.bfloat16)  # 9 tiles of 4 rows + a leftover
+    if f32_scales:
+        qw = QuantizedWeight(4, qw.q, qw.scales.float(), qw.bias.float(), 32, K, torch.bfloat16)
+    assert qw.use_block_layout() and qw.blocked
+    x = torch.randn(9, K).bfloat16().float()
+    full = KERNEL.linear(qw, x, x8=True)
+    ref = _reference(qw, x, x8=True)
+    assert (full - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for m in range(9):
+        assert torch.equal(KERNEL.linear(qw, x[m:m + 1].contiguous(), x8=True), full[m:m + 1])
+
+
 def test_block_layout_only_where_its_kernel_reads_it():
     """float32 models keep the row layout (their int16-activation kernel reads rows); so do weights the block tiles
     do not take (int4 with 5-15 groups in its last block, int8 in groups of 32 with biases)."""
