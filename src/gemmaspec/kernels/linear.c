@@ -1344,7 +1344,8 @@ static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int
     // 1152, 1536, 2048 of Gemma 3 270M, 1B and Gemma 4 E2B) take a range function with G a constant (tile8_rows_i4):
     // plain int4 decoding of the default model 1.07-1.11x on two threads (0.99x once, in a slow-bandwidth phase where
     // it is memory-bound), 1.09x on one; tokens identical
-    if (M == 1 && bits == 4 && blocks && blocked && fixed_range_i4(G, f32)) fn = fixed_range_i4(G, f32);
+    const row_range_fn fixed = M == 1 && bits == 4 && blocks && blocked ? fixed_range_i4(G, f32) : NULL;
+    if (fixed) fn = fixed;
 #endif
     split_rows(fn, &jb, N, 4, N * K * M, nthreads);
     if (maxima) {  // the ranges in order: the first with a NaN, else the first with the largest maximum
