@@ -898,6 +898,16 @@ static inline float hsum16(__m512 v) {
     return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
+// acc + one int4 weight row's tail quad k (nb groups) with one row of x: its dots (x at xk, scales xc,
+// corrections xn) and its bias terms (xs16 of x's group sums)
+static inline __attribute__((always_inline)) __m512 quad_row(int f32, const char *q, const char *s, const char *b, int k,
+        int nb, const int8_t *xk, const float *xc, const int32_t *xn, __m512 x16, __m512 acc) {
+    __m512i w[2];
+    quad_weights(q, k, nb, w);
+    acc = block_fma(2, w, quad_scales(f32, s, k, nb), xk, xc, xn, acc);
+    return _mm512_fmadd_ps(block_bias(4, f32, b, s, k, nb), x16, acc);
+}
+
 // one weight row (q, s, b) x mt rows of x; byte group j's scale is s[j >> SG] (b: none when SG = 1). xq_stride,
 // xc_stride: from one block of x to the next. pre: the row is in the block layout
 static inline __attribute__((always_inline)) void tile8_blocks(const int BITS, int pre, const int SG, int f32, const char *q, const char *s,
@@ -954,11 +964,8 @@ static inline __attribute__((always_inline)) void tile8_rows_blocks(const int BI
         if (nb < 16 && x8_quad_tail(BITS, G)) {
             for (int i = 0; i < QR; i++) {
                 if (pf) spread_prefetch(pf, row_bytes, k * QR + i, nblocks * QR);
-                const char *si = s + i * srow, *bi = b ? b + i * srow : NULL;
-                __m512i w[2];
-                quad_weights(q + i * row_bytes, k, nb, w);
-                acc[i] = block_fma(2, w, quad_scales(f32, si, k, nb), xk, xsc + 16 * k, xcorr + 16 * k, acc[i]);
-                if (with_bias) acc[i] = _mm512_fmadd_ps(block_bias(BITS, f32, bi, si, k, nb), x16, acc[i]);
+                acc[i] = quad_row(f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, k, nb, xk,
+                                  xsc + 16 * k, xcorr + 16 * k, x16, acc[i]);
             }
             continue;
         }
@@ -1019,11 +1026,8 @@ static inline __attribute__((always_inline)) void tile8_rows_i4(const int G, int
 #pragma GCC unroll 4
         for (int i = 0; i < QR; i++) {
             if (pf) spread_prefetch(pf, row_bytes, NF * QR + i, nblocks * QR);
-            const char *si = s + i * srow, *bi = b ? b + i * srow : NULL;
-            __m512i w[2];
-            quad_weights(q + i * row_bytes, NF, NQ, w);
-            acc[i] = block_fma(2, w, quad_scales(f32, si, NF, NQ), xk, xsc + 16 * NF, xcorr + 16 * NF, acc[i]);
-            acc[i] = _mm512_fmadd_ps(block_bias(4, f32, bi, si, NF, NQ), x16, acc[i]);
+            acc[i] = quad_row(f32, q + i * row_bytes, s + i * srow, b ? b + i * srow : NULL, NF, NQ, xk,
+                              xsc + 16 * NF, xcorr + 16 * NF, x16, acc[i]);
         }
     }
 #pragma GCC unroll 4
