@@ -1225,11 +1225,12 @@ struct job8 {
 #else
 #define WIDE_TILES8
 #endif
-// GC: a constant group count (int4, one row of x, the block layout: tile8_rows_i4), or 0 (G read at run time)
+// GC: a constant group count (int4, one row of x, the block layout: tile8_rows_i4; linear_x8 takes these for
+// M = 1 only), or 0 (G and M read at run time)
 #define RANGE8_FN(NAME, B, SGV, F32, GC)                                                                           \
 static __attribute__((noinline)) void NAME(const void *ctx, int64_t n_begin, int64_t n_end) {                      \
     const struct job8 *jb = (const struct job8 *)ctx;                                                           \
-    const int BITS = B, SG = SGV, f32 = F32, M = jb->M, G = GC ? GC : jb->G;                                    \
+    const int BITS = B, SG = SGV, f32 = F32, M = GC ? 1 : jb->M, G = GC ? GC : jb->G;  /* (GC: one row of x) */  \
     const size_t row_bytes = (size_t)G * 16, srow = jb->srow;                                                   \
     float r[QMT];                                                                                               \
     int64_t row = n_begin;                                                                                      \
