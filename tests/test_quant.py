@@ -10,7 +10,7 @@ import torch
 from gemmaspec.drafters import make_drafter
 from gemmaspec.engine import Engine
 from gemmaspec.loading import load_model
-from gemmaspec.quant import BF16Weight, QuantizedWeight, kernels, quantize
+from gemmaspec.quant import BF16Weight, QuantizedWeight, kernels, parameter_count, quantize
 from gemmaspec.quant.formats import concat
 from gemmaspec.quant.gguf import DECODERS, repack
 
@@ -435,6 +435,13 @@ def test_quantized_tiny_model_is_quantized(quantized_tiny, tiny_gemma3_dir):
         a = model.logits(model(ids, model.new_cache(64)))
         b = float_model.logits(float_model(ids, float_model.new_cache(64)))
     assert (a - b).abs().max() < 0.25 * b.abs().max()  # close to the float model, not equal
+
+
+def test_parameter_count_counts_held_matrices_as_the_checkpoint_does(quantized_tiny, tiny_gemma3_dir):
+    float_model = load_model(str(tiny_gemma3_dir), dtype="float32", device="cpu").model
+    expected = sum(p.numel() for p in float_model.parameters())  # (a tied table is one Parameter)
+    assert parameter_count(float_model) == expected
+    assert parameter_count(quantized_tiny.model) == expected  # the packed buffers are not parameters
 
 
 @pytest.mark.parametrize("drafter", ["none", "ngram"])

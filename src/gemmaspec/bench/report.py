@@ -8,6 +8,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from ..quant import parameter_count
 from .runner import BASELINE, OVERALL
 
 PLAIN = (BASELINE, "hf:none")  # contestants that never draft: no acceptance to show
@@ -46,7 +47,7 @@ def machine_info(loaded, engine) -> dict:
         "source": str(loaded.source),
         "folder": str(loaded.path),
         "type": getattr(model.config, "model_type", type(model).__name__),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameter_count(model),
         "dtype": str(model.dtype).replace("torch.", ""),
         "device": engine.device.type,
         "notes": list(loaded.notes),

@@ -140,6 +140,23 @@ def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return found
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's parameters as the checkpoint counts them: a quantized or bf16-held matrix as its [out, in]
+    values (its packed buffers are not parameters), a tied table once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, (QuantizedWeight, BF16Weight)):
+            if id(module) not in seen:
+                seen.add(id(module))
+                total += module.out_features * module.in_features
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every matrix once (a tied table counts once, as the LM head)."""
     return sum(t.numel() * t.element_size() for t in weight_tensors(model))
