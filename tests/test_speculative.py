@@ -122,6 +122,27 @@ def test_max_new_tokens_and_stop_inside_accepted_run(tiny_target):
     assert result.stats.mean_accepted_length == 1.0
 
 
+def test_plain_runs_compute_no_step_past_a_stop_string(tiny_target, monkeypatch):
+    # A run of plain steps (1, 2, 4, then 8 in one C call) ends at any token after which the stop string may show
+    # (tokenizer.ids_that_may_end), so the 13th token, which completes it, is the last step computed
+    plain = _engine(tiny_target, "none", 0)
+    full = plain.generate(PROMPTS[0], max_new_tokens=30)
+    stop = " ".join(full.text.split()[:13])
+    runs = []
+    decode_greedy = tiny_target.model.decode_greedy
+
+    def counted(*args, **kwargs):
+        run = decode_greedy(*args, **kwargs)
+        runs.append(len(run))
+        return run
+    monkeypatch.setattr(tiny_target.model, "decode_greedy", counted)
+    result = plain.generate(PROMPTS[0], max_new_tokens=30, stop=[stop])
+    assert result.finish_reason == "stop" and result.text == full.text[: full.text.index(stop)]
+    assert sum(runs) == 12  # the steps after the prefill's token (runs that ignored the stop string: 15)
+    # a stop string that never shows changes nothing
+    assert plain.generate(PROMPTS[0], max_new_tokens=30, stop=["never"]).token_ids == full.token_ids
+
+
 def test_streaming_emits_verified_tokens_in_order(tiny_target):
     engine = _engine(tiny_target, "ngram", 4)
     chunks = list(engine.stream(PROMPTS[0], max_new_tokens=25))

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gemmaspec.loading.tokenizer import IncrementalDecoder, Tokenizer
+from gemmaspec.loading.tokenizer import IncrementalDecoder, Tokenizer, token_texts
 
 TEXTS = [
     "def f(x):\n    return x  # ok\n\n\n",
@@ -60,3 +60,31 @@ def test_incremental_decode_reads_a_window_not_the_whole_text(tokenizer):
         del tokenizer.decode
     assert decoder.text == decode(ids)
     assert max(decoded_lengths) <= 8
+
+
+def test_token_texts_read_from_pieces_equal_each_token_decoded_in_a_text(tokenizer):
+    fast = tokenizer.fast
+    texts = token_texts(fast)  # the Gemma tokenizer: read from its pieces
+    head = fast.decode([tokenizer.token_id("a")])
+    decoded = fast.decode_batch([[tokenizer.token_id("a"), i] for i in range(tokenizer.vocab_size)],
+                                skip_special_tokens=True)
+    assert texts == [t[len(head):] for t in decoded]
+
+
+STOPS = ["ok", "\n\n", "é", "🎉", "日本", "”", "<end_of_turn>", "x  #"]
+
+
+def test_a_stop_string_can_only_show_after_an_id_that_may_end_it(tokenizer):
+    # engine.py ends plain decoding's runs of steps at these ids: a text must not gain a stop string at any other
+    may_end = set(tokenizer.ids_that_may_end(STOPS).tolist())
+    spelled = [[tokenizer.token_id(f"<0x{b:02X}>") for b in ("a " + s).encode()] for s in STOPS]  # byte by byte
+    shown = 0
+    for ids in _sequences(tokenizer) + spelled:
+        decoder = IncrementalDecoder(tokenizer)
+        for i in ids:
+            before = decoder.text
+            decoder.add([i])
+            if any(s in decoder.text and s not in before for s in STOPS):
+                shown += 1
+                assert i in may_end, (tokenizer.decode([i]), decoder.text)
+    assert shown >= 6 + len(STOPS)  # (the encoded TEXTS hold most of the stops)

@@ -164,6 +164,11 @@ class Engine:
         # policy allows before it wants a say again (the tokens then stream a run at a time: 1, 2, 4, then
         # PLAIN_RUN)
         plain_run = 1 if params.greedy and hasattr(model, "decode_greedy") else None
+        # A run ends at a token after which a stop string may show (and at an EOS id): no step past a stop string
+        run_stops = eos_ids
+        if stops and plain_run is not None:
+            may_end = self.tokenizer.ids_that_may_end(stops)
+            run_stops = torch.unique(torch.cat([may_end, torch.tensor(sorted(eos_ids), dtype=torch.int64)]))
         t_decode = time.perf_counter()
         finish = None
         from_run = False  # pending came from a run of plain steps, a target pass each
@@ -204,7 +209,7 @@ class Engine:
             k = min(policy.choose(), remaining - 1, capacity - cache.length - 2)
             if k == 0 and plain_run is not None:  # greedy plain steps: a run of them in one call, then emit them
                 t = time.perf_counter()
-                run = model.decode_greedy(tokens[-1], cache, min(plain_run, policy.plain_steps(), remaining), eos_ids,
+                run = model.decode_greedy(tokens[-1], cache, min(plain_run, policy.plain_steps(), remaining), run_stops,
                                           hidden=drafter.needs_hidden)
                 if run is not None:
                     run, last_hidden = run if drafter.needs_hidden else (run, None)

@@ -308,12 +308,13 @@ class Kernels:
 
     def gemma3_decode(self, call: StackCall, first_id: int, steps: int, start: int, slot_pos: torch.Tensor | None,
                       window: int, cos_l: int, sin_l: int, cos_f: int, sin_f: int, rope_row: int, ring, full,
-                      stop_ids: list[int]) -> list[int]:
+                      stop_ids: list[int] | torch.Tensor) -> list[int]:
         """Greedy decoding of up to `steps` tokens in one call (block.c gs_gemma3_decode): first_id at position
         `start`, then each step's argmax, stopping after one in stop_ids; returns the tokens the steps chose. The
         call's head must be set. cos/sin: the addresses of position start's float32 RoPE rows, the next positions'
         rope_row floats apart; ring / full: cache.kernel_views' views for one token at `start` (their buffers are
-        rewritten for each step); slot_pos: the cache's ring positions (updated in place), None without a ring."""
+        rewritten for each step); slot_pos: the cache's ring positions (updated in place), None without a ring.
+        stop_ids: sorted (a list, or an int64 tensor: thousands of ids without a conversion per call)."""
         step = call.step
         if call.head is None or call.vocab is None or steps < 1:
             raise ValueError("a decode call needs the embedding table, the LM head and at least one step")
@@ -322,7 +323,11 @@ class Kernels:
         if call.head.N > call.vocab:  # a step's argmax is the next step's id: it must have an embedding row
             raise ValueError(f"an LM head of {call.head.N} rows over an embedding table of {call.vocab}")
         out = (ctypes.c_int64 * steps)()
-        stops = (ctypes.c_int64 * max(len(stop_ids), 1))(*stop_ids)
+        if isinstance(stop_ids, torch.Tensor):
+            stop_ids = stop_ids.to(torch.int64).contiguous()
+            stops = ctypes.c_void_p(stop_ids.data_ptr() if stop_ids.numel() else None)
+        else:
+            stops = (ctypes.c_int64 * max(len(stop_ids), 1))(*stop_ids)
         step.ids, step.x_in, step.x_out = ctypes.addressof(call.ids), call.x_in.data_ptr(), call.x_out.data_ptr()
         step.logits, step.best, step.store_logits = _grown_logits(call, 1).data_ptr(), ctypes.addressof(call.best), 0
         step.T, step.cos_l, step.sin_l, step.cos_f, step.sin_f = 1, cos_l, sin_l, cos_f, sin_f

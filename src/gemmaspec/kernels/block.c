@@ -307,9 +307,9 @@ int gs_gemma3_step(const struct gs_gemma3_step *a) {
 // this does what the Python around gs_gemma3_step does (cache.py kernel_views and end): the step's slots and
 // masks (gso_step_views) into the buffers `a` points to, its RoPE rows (those of `a` are position start's,
 // rope_row floats apart), and after the step the ring's slot_pos (ring: a->ring_cap, 0 for none). `a` is set for
-// T = 1 with ids, head and best. Stops after a token in stop_ids. Returns the number of tokens in out, -1 for an
-// id outside the embedding table (only first_id can be: the caller checks that the head has no more rows than the
-// table; a later failure would return the steps done).
+// T = 1 with ids, head and best. Stops after a token in stop_ids (sorted). Returns the number of tokens in out, -1
+// for an id outside the embedding table (only first_id can be: the caller checks that the head has no more rows
+// than the table; a later failure would return the steps done).
 int gs_gemma3_decode(struct gs_gemma3_step *a, int64_t first_id, int steps, int64_t start, int64_t *slot_pos,
                      int64_t window, int64_t rope_row, const int64_t *stop_ids, int n_stop, int64_t *out) {
     const float *cos_l = a->cos_l, *sin_l = a->sin_l, *cos_f = a->cos_f, *sin_f = a->sin_f;
@@ -327,9 +327,15 @@ int gs_gemma3_decode(struct gs_gemma3_step *a, int64_t first_id, int steps, int6
         if (gs_gemma3_step(a)) return n ? n : -1;
         if (ring) slot_pos[p % ring] = p;
         id = out[n++] = a->best[0];
-        int stop = 0;
-        for (int i = 0; i < n_stop && !stop; i++) stop = id == stop_ids[i];
-        if (stop) break;
+        int lo = 0, hi = n_stop;  // (stop_ids sorted: a binary search, for thousands of them)
+        while (lo < hi) {
+            const int mid = lo + (hi - lo) / 2;
+            if (stop_ids[mid] < id)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo < n_stop && stop_ids[lo] == id) break;
     }
     return n;
 }

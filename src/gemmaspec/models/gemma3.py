@@ -257,10 +257,11 @@ class Gemma3Model(nn.Module):
             return states, self.logits(states), None
         return states, head_logits, best
 
-    def decode_greedy(self, first_id: int, cache: KVCache, steps: int, stop_ids: set[int],
+    def decode_greedy(self, first_id: int, cache: KVCache, steps: int, stop_ids: set[int] | torch.Tensor,
                       hidden: bool = False) -> list[int] | tuple[list[int], torch.Tensor] | None:
         """Greedy decoding of up to `steps` tokens in one C call (kernels/block.c gs_gemma3_decode): first_id at
-        the cache's next position, then each step's argmax, stopping after one in stop_ids; returns the tokens the
+        the cache's next position, then each step's argmax, stopping after one in stop_ids (a set, or a sorted
+        int64 tensor); returns the tokens the
         steps chose (the cache holds all the steps), with hidden the last step's final hidden state [hidden] too.
         Each step is exactly forward_logits([token], logits=False)'s, without the Python around it (~0.15 ms a
         token with the caches cold). None where that call cannot run (then nothing is computed)."""
@@ -287,7 +288,7 @@ class Gemma3Model(nn.Module):
         try:
             tokens = fast.gemma3_decode(call, first_id, steps, start, cache.slot_pos if views[0] is not None else None,
                                         window, cos_l, sin_l, cos_f, sin_f, local.row_floats(), *views,
-                                        sorted(stop_ids))
+                                        stop_ids if isinstance(stop_ids, torch.Tensor) else sorted(stop_ids))
         except IndexError:
             cache.end_decoded(0)
             raise
