@@ -261,8 +261,8 @@ class Gemma3Model(nn.Module):
                       hidden: bool = False) -> list[int] | tuple[list[int], torch.Tensor] | None:
         """Greedy decoding of up to `steps` tokens in one C call (kernels/block.c gs_gemma3_decode): first_id at
         the cache's next position, then each step's argmax, stopping after one in stop_ids (a set, or a sorted
-        int64 tensor); returns the tokens the
-        steps chose (the cache holds all the steps), with hidden the last step's final hidden state [hidden] too.
+        int64 tensor); returns the tokens the steps chose (the cache holds all the steps), with hidden the last
+        step's final hidden state [hidden] too.
         Each step is exactly forward_logits([token], logits=False)'s, without the Python around it (~0.15 ms a
         token with the caches cold). None where that call cannot run (then nothing is computed)."""
         fast = kernels.load()
