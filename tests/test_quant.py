@@ -3,6 +3,8 @@ lossless speculation on a quantized tiny model."""
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -442,6 +444,39 @@ def test_parameter_count_counts_held_matrices_as_the_checkpoint_does(quantized_t
     expected = sum(p.numel() for p in float_model.parameters())  # (a tied table is one Parameter)
     assert parameter_count(float_model) == expected
     assert parameter_count(quantized_tiny.model) == expected  # the packed buffers are not parameters
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_decode_team_equals_the_block_by_block_step(tiny_gemma3_dir, weights):
+    # block.c runs a decode step's blocks on one team of threads (one token, int8 / int4 matrices read with int8
+    # activations: a bfloat16 model): thread 0's small ops, every thread's rows. Same bits as block by block.
+    lib = kernels.load()
+    if lib is None or not hasattr(lib.lib, "gs_team_steps"):
+        pytest.skip("no C kernels with OpenMP")
+    team, steps = ctypes.c_int.in_dll(lib.lib, "gs_team_decode"), ctypes.c_long.in_dll(lib.lib, "gs_team_steps")
+    model = load_model(str(tiny_gemma3_dir), dtype="bfloat16", device="cpu", weights=weights).model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    runs = {}
+    try:
+        for on in (1, 0):
+            team.value, before = on, steps.value
+            cache = model.new_cache(64)
+            with torch.inference_mode():
+                model(torch.tensor(PROMPTS[2]), cache)  # 41 tokens: the sliding ring (8 slots) has wrapped
+                token, out = 5, []
+                for _ in range(12):
+                    hidden, logits, _ = model.forward_logits([token], cache)
+                    out.append((hidden.clone(), logits.clone()))
+                    token = int(logits[0].argmax())
+            runs[on] = (out, [t.clone() for t in cache.keys + cache.values], steps.value - before)
+    finally:
+        team.value = 1
+        torch.set_num_threads(threads)
+    assert runs[1][2] == 12 and runs[0][2] == 0  # (each path ran)
+    for (h1, l1), (h0, l0) in zip(runs[1][0], runs[0][0]):
+        assert torch.equal(h1, h0) and torch.equal(l1, l0)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1][1], runs[0][1]))
 
 
 @pytest.mark.parametrize("drafter", ["none", "ngram"])

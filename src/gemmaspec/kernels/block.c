@@ -9,6 +9,7 @@
 // float32 like the float32 path, and its output and new K/V are rounded to bfloat16 once. That is not what the
 // per-op bfloat16 path computes (it rounds after every op), so every decode and verification step of a bfloat16
 // model must take this block (cache.block_target, engine.SPEC_MARGIN) for speculation to stay exact.
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,12 +29,25 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
                    const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
                    int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int kv_bf16,
                    int nthreads);
+void *gso_attention_begin(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
+                          const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
+                          int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out,
+                          int kv_bf16, int nthreads);
+void gso_attention_run(const void *call, int t, int nt, void (*sync)(void *), void *ctx);
+void gso_attention_end(void *call);
 void gso_gelu_mul(const float *gu, int T, int I, float *out);
 void gso_argmax(const float *x, int R, int64_t n, int64_t *out, int nthreads);
 void gso_step_views(const int64_t *slot_pos, int64_t ring, int64_t window, int64_t start, int T, int64_t *slots_r,
                     uint8_t *mask_r, int64_t *slots_f, uint8_t *mask_f);
 int gsq_rows(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K, int g, int64_t N,
              const int64_t *ids, int64_t R, void *out, int out_bf16);
+int gsq_team_ok(int bits, int f32, int blocked, int x8, int K, int g, int has_bias);
+void *gsq_team_prepare(int bits, int f32, int blocked, int x8, const float *x, int K, const void *q, const void *s,
+                       const void *b, int g, int64_t N, float *y);
+void gsq_team_rows(const void *call, int t, int nt);
+void gsq_team_free(void *call);
+void gsq_team_prefetch(int bits, int f32, int K, const void *q, const void *s, const void *b, int g, int64_t N, int t,
+                       int nt, const int *flag, int want, size_t max_bytes);
 
 // A weight as the matmul kernels take it (kernels/__init__.py builds these).
 struct gs_weight {
@@ -105,33 +119,10 @@ static int matmul_argmax(const struct gs_weight *w, const float *x, int K, float
                                             w->group, w->N, y, best, nthreads);
 }
 
-// x_out[T, hidden] = the block applied to x_in. The new tokens' K/V go to cache slots slots[t] of kbuf/vbuf
-// [n_kv, capacity, head_dim]; attention then reads slots [0, S) under mask [T, S] (NULL: all of them).
-// x_in, x_out, kbuf and vbuf are float32, or bfloat16 when bf16 != 0.
-void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_out, int T, const float *cos,
-                     const float *sin, void *kbuf, void *vbuf, int64_t capacity, const int64_t *slots, int S,
-                     const uint8_t *mask, int bf16, int nthreads) {
-    PHASE_START();
-    const int H = b->hidden, hd = b->head_dim, q_dim = b->n_q * hd, kv_dim = b->n_kv * hd;
-    const int row = q_dim + 2 * kv_dim, I = b->inter;
-    float *h = (float *)malloc(sizeof(float) * (size_t)T * H);
-    float *qkv = (float *)malloc(sizeof(float) * (size_t)T * row);
-    float *attn = (float *)malloc(sizeof(float) * (size_t)T * q_dim);
-    float *gu = (float *)malloc(sizeof(float) * (size_t)T * 2 * I);
-    float *act = (float *)malloc(sizeof(float) * (size_t)T * I);
-    float *wide = bf16 ? (float *)malloc(sizeof(float) * (size_t)T * H * 2) : NULL;  // x_in, x_out in float32
-    const float *xi = (const float *)x_in;
-    float *xo = (float *)x_out;
-    if (bf16) {
-        for (size_t i = 0; i < (size_t)T * H; i++) wide[i] = bf16_to_f32(((const uint16_t *)x_in)[i]);
-        xi = wide;
-        xo = wide + (size_t)T * H;
-    }
-
-    gso_rms_norm(xi, b->input_norm, b->eps, T, H, NULL, h);
-    PHASE(PH_OTHER);
-    matmul(&b->qkv, h, T, H, qkv, bf16, nthreads);
-    PHASE(PH_QKV);
+// q/k norms and RoPE on the T rows of qkv, then their K/V into cache slots slots[t]
+static void rope_and_store(const struct gs_gemma3_block *b, float *qkv, int T, const float *cos, const float *sin,
+                           void *kbuf, void *vbuf, int64_t capacity, const int64_t *slots, int bf16) {
+    const int hd = b->head_dim, q_dim = b->n_q * hd, kv_dim = b->n_kv * hd, row = q_dim + 2 * kv_dim;
     gso_qk_norm_rope(qkv, T, row, b->n_q, b->n_kv, hd, b->q_norm, b->k_norm, b->eps, cos, sin, hd);
     for (int t = 0; t < T; t++)
         for (int j = 0; j < b->n_kv; j++) {
@@ -147,6 +138,36 @@ void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_
                 memcpy((float *)vbuf + at, v, sizeof(float) * hd);
             }
         }
+}
+
+// x_out[T, hidden] = the block applied to x_in. The new tokens' K/V go to cache slots slots[t] of kbuf/vbuf
+// [n_kv, capacity, head_dim]; attention then reads slots [0, S) under mask [T, S] (NULL: all of them).
+// x_in, x_out, kbuf and vbuf are float32, or bfloat16 when bf16 != 0.
+void gs_gemma3_block(const struct gs_gemma3_block *b, const void *x_in, void *x_out, int T, const float *cos,
+                     const float *sin, void *kbuf, void *vbuf, int64_t capacity, const int64_t *slots, int S,
+                     const uint8_t *mask, int bf16, int nthreads) {
+    PHASE_START();
+    const int H = b->hidden, hd = b->head_dim, q_dim = b->n_q * hd, kv_dim = b->n_kv * hd;
+    const int row = q_dim + 2 * kv_dim, I = b->inter;
+    float *h = (float *)gs_alloc(sizeof(float) * (size_t)T * H);
+    float *qkv = (float *)gs_alloc(sizeof(float) * (size_t)T * row);
+    float *attn = (float *)gs_alloc(sizeof(float) * (size_t)T * q_dim);
+    float *gu = (float *)gs_alloc(sizeof(float) * (size_t)T * 2 * I);
+    float *act = (float *)gs_alloc(sizeof(float) * (size_t)T * I);
+    float *wide = bf16 ? (float *)gs_alloc(sizeof(float) * (size_t)T * H * 2) : NULL;  // x_in, x_out in float32
+    const float *xi = (const float *)x_in;
+    float *xo = (float *)x_out;
+    if (bf16) {
+        for (size_t i = 0; i < (size_t)T * H; i++) wide[i] = bf16_to_f32(((const uint16_t *)x_in)[i]);
+        xi = wide;
+        xo = wide + (size_t)T * H;
+    }
+
+    gso_rms_norm(xi, b->input_norm, b->eps, T, H, NULL, h);
+    PHASE(PH_OTHER);
+    matmul(&b->qkv, h, T, H, qkv, bf16, nthreads);
+    PHASE(PH_QKV);
+    rope_and_store(b, qkv, T, cos, sin, kbuf, vbuf, capacity, slots, bf16);
     PHASE(PH_OTHER);
     gso_attention(qkv, T, b->n_q, hd, row, hd, kbuf, capacity * hd, hd, vbuf, capacity * hd, hd, b->n_kv, S, hd,
                   mask, b->scale, attn, bf16, nthreads);
@@ -252,22 +273,202 @@ struct gs_gemma3_step {
 
 int gs_gemma3_step_size(void) { return (int)sizeof(struct gs_gemma3_step); }  // (the ctypes mirror checks it)
 
+
+// The layer's view of the cache and RoPE rows (gs_gemma3_step's sliding or full ones)
+struct layer_view {
+    const float *cos, *sin;
+    int64_t capacity;
+    const int64_t *slots;
+    int S;
+    const uint8_t *mask;
+};
+
+static struct layer_view view_of(const struct gs_gemma3_step *a, int i) {
+    if (a->sliding[i]) return (struct layer_view){a->cos_l, a->sin_l, a->ring_cap, a->slots_r, a->S_r, a->mask_r};
+    return (struct layer_view){a->cos_f, a->sin_f, a->full_cap, a->slots_f, a->S_f, a->mask_f};
+}
+
+#ifdef _OPENMP
+// ---- a decode step's blocks on one team of threads ----------------------------------------------------------
+// A decode step (T = 1) on two or more threads whose matrices all have one-row team kernels (int8 / int4 weights:
+// linear.c gsq_team_*) runs its blocks in one parallel region. Thread 0 does the small ops between the matmuls
+// (norms, RoPE and the cache writes, attention, rounding x for the next matmul) while the other threads prefetch
+// the first rows of the next matrix, their own and thread 0's, into their L2: memory would be idle then. Then
+// every thread computes its rows. Each op is gs_gemma3_block's on the same values (the same bits), and a matmul's
+// fork and join (~1.1 us on Zen 4) become two barriers.
+int gs_team_decode = 1;  // 0: every step takes gs_gemma3_block (tests compare the two)
+long gs_team_steps;       // the steps run on a team (tests)
+#ifndef TEAM_PREFETCH_BYTES
+#define TEAM_PREFETCH_BYTES (256 << 10)  // most of a range's values a helper prefetches (L2: 1 MB on Zen 4)
+#endif
+
+struct team {
+    void *call;  // the matmul thread 0 prepared
+    int serial;  // thread 0's small-op phases done (the helpers prefetch until it reaches theirs)
+    int arrived, round;  // team_sync's
+    float *h, *qkv, *attn, *gu, *act, *wide;
+};
+
+// Every thread of the team waits here for the others. A spinning barrier: the threads are one per core and wait
+// for microseconds at most (OpenMP's barrier: ~0.5 us on Zen 4); after ~20k spins (~0.3 ms) it yields the core.
+static void team_sync(struct team *tm, int nt, int *round) {
+#ifdef GS_TEAM_OMP_BARRIER
+    (void)tm, (void)nt, (void)round;
+#pragma omp barrier
+#else
+    const int next = ++*round;
+    if (__atomic_add_fetch(&tm->arrived, 1, __ATOMIC_ACQ_REL) == nt) {
+        __atomic_store_n(&tm->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&tm->round, next, __ATOMIC_RELEASE);
+        return;
+    }
+    for (long spins = 0; __atomic_load_n(&tm->round, __ATOMIC_ACQUIRE) != next; spins++) {
+        if (spins > 20000) sched_yield();
+#ifdef GS_AVX2
+        _mm_pause();
+#endif
+    }
+#endif
+}
+
+static int team_ok(const struct gs_weight *w, int K, int bf16) {
+    return (w->kind == 4 || w->kind == 8) &&
+           gsq_team_ok(w->kind, w->f32, w->blocked, bf16 || w->blocked, K, w->group, w->b != NULL);
+}
+
+struct team_sync_args {
+    struct team *tm;
+    int nt, *round;
+};
+
+static void team_sync_call(void *args) {
+    const struct team_sync_args *a = (const struct team_sync_args *)args;
+    team_sync(a->tm, a->nt, a->round);
+}
+
+// Every thread of the team: y = x @ w^T; thread 0 arrives when its small ops have made x, the others at once
+static void team_matmul(struct team *tm, int t, int nt, int *phase, const struct gs_weight *w, int K, const float *x,
+                        float *y, int bf16, int *round) {
+    ++*phase;
+    if (t == 0) {
+        tm->call = gsq_team_prepare(w->kind, w->f32, w->blocked, bf16 || w->blocked, x, K, w->q, w->s, w->b, w->group,
+                                    w->N, y);
+        __atomic_store_n(&tm->serial, *phase, __ATOMIC_RELEASE);
+    } else {
+        gsq_team_prefetch(w->kind, w->f32, K, w->q, w->s, w->b, w->group, w->N, t, nt, &tm->serial, *phase,
+                          TEAM_PREFETCH_BYTES);
+    }
+    team_sync(tm, nt, round);
+    gsq_team_rows(tm->call, t, nt);
+    team_sync(tm, nt, round);
+    if (t == 0) gsq_team_free(tm->call);
+}
+
+// gs_gemma3_block for one token, run by every thread of the team
+static void team_block(const struct gs_gemma3_block *b, const void *x_in, void *x_out, const struct layer_view *v,
+                       void *kbuf, void *vbuf, int bf16, struct team *tm, int t, int nt, int *phase, int *round) {
+    const int H = b->hidden, hd = b->head_dim, q_dim = b->n_q * hd, row = q_dim + 2 * b->n_kv * hd;
+    const float *xi = bf16 ? tm->wide : (const float *)x_in;
+    float *xo = bf16 ? tm->wide + H : (float *)x_out;
+    if (t == 0) {
+        PHASE_START();
+        if (bf16)
+            for (int i = 0; i < H; i++) tm->wide[i] = bf16_to_f32(((const uint16_t *)x_in)[i]);
+        gso_rms_norm(xi, b->input_norm, b->eps, 1, H, NULL, tm->h);
+        PHASE(PH_OTHER);
+    }
+    team_matmul(tm, t, nt, phase, &b->qkv, H, tm->h, tm->qkv, bf16, round);
+    if (t == 0) {
+        PHASE(PH_QKV);
+        rope_and_store(b, tm->qkv, 1, v->cos, v->sin, kbuf, vbuf, v->capacity, v->slots, bf16);
+        PHASE(PH_OTHER);
+        tm->call = gso_attention_begin(tm->qkv, 1, b->n_q, hd, row, hd, kbuf, v->capacity * hd, hd, vbuf,
+                                       v->capacity * hd, hd, b->n_kv, v->S, hd, v->mask, b->scale, tm->attn, bf16, nt);
+    }
+    struct team_sync_args sync = {tm, nt, round};
+    team_sync(tm, nt, round);
+    if (tm->call) gso_attention_run(tm->call, t, nt, team_sync_call, &sync);
+    team_sync(tm, nt, round);
+    if (t == 0) {
+        gso_attention_end(tm->call);
+        PHASE(PH_ATTENTION);
+    }
+    team_matmul(tm, t, nt, phase, &b->o, q_dim, tm->attn, tm->h, bf16, round);
+    if (t == 0) {
+        PHASE(PH_O);
+        gso_rms_norm(tm->h, b->post_attn_norm, b->eps, 1, H, xi, xo);
+        gso_rms_norm(xo, b->pre_ff_norm, b->eps, 1, H, NULL, tm->h);
+        PHASE(PH_OTHER);
+    }
+    team_matmul(tm, t, nt, phase, &b->gate_up, H, tm->h, tm->gu, bf16, round);
+    if (t == 0) {
+        PHASE(PH_GATE_UP);
+        gso_gelu_mul(tm->gu, 1, b->inter, tm->act);
+        PHASE(PH_OTHER);
+    }
+    team_matmul(tm, t, nt, phase, &b->down, b->inter, tm->act, tm->h, bf16, round);
+    if (t == 0) {
+        PHASE(PH_DOWN);
+        gso_rms_norm(tm->h, b->post_ff_norm, b->eps, 1, H, xo, xo);
+        if (bf16)
+            for (int i = 0; i < H; i++) ((uint16_t *)x_out)[i] = f32_to_bf16(xo[i]);
+        PHASE(PH_OTHER);
+    }
+}
+
+// The blocks of step a on one team, as above; 0 where that does not apply (nothing computed)
+static int team_step(const struct gs_gemma3_step *a, int nthreads) {
+    if (!gs_team_decode || a->T != 1 || nthreads < 2 || a->n <= 0) return 0;
+    size_t H = 0, rows = 0, q = 0, I = 0;  // the buffers' sizes: the largest of any block
+    for (int i = 0; i < a->n; i++) {
+        const struct gs_gemma3_block *b = a->blocks[i];
+        const int q_dim = b->n_q * b->head_dim, row = q_dim + 2 * b->n_kv * b->head_dim;
+        if (!team_ok(&b->qkv, b->hidden, a->bf16) || !team_ok(&b->o, q_dim, a->bf16) ||
+            !team_ok(&b->gate_up, b->hidden, a->bf16) || !team_ok(&b->down, b->inter, a->bf16))
+            return 0;
+        H = (size_t)b->hidden > H ? (size_t)b->hidden : H, q = (size_t)q_dim > q ? (size_t)q_dim : q;
+        rows = (size_t)row > rows ? (size_t)row : rows, I = (size_t)b->inter > I ? (size_t)b->inter : I;
+    }
+    float *buf = (float *)gs_alloc(sizeof(float) * (3 * H + rows + q + 3 * I));
+    struct team tm = {NULL, 0, 0, 0, buf, NULL, NULL, NULL, NULL, NULL};
+    tm.qkv = tm.h + H, tm.attn = tm.qkv + rows, tm.gu = tm.attn + q, tm.act = tm.gu + 2 * I, tm.wide = tm.act + I;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int phase = 0, round = 0;
+        const void *in = a->x_in;
+        for (int i = 0; i < a->n; i++) {
+            void *out = (a->n - 1 - i) % 2 == 0 ? a->x_out : a->scratch;  // the last block writes x_out
+            if (t == 0) PROFILE_BLOCK(i);
+            const struct layer_view v = view_of(a, i);
+            team_block(a->blocks[i], in, out, &v, a->kbufs[i], a->vbufs[i], a->bf16, &tm, t, nt, &phase, &round);
+            in = out;
+        }
+    }
+    free(buf);
+    gs_team_steps++;
+    return 1;
+}
+#endif
+
 // Returns -1 (and computes nothing) for an id outside the table, else 0.
 int gs_gemma3_step(const struct gs_gemma3_step *a) {
     const int n = a->n, T = a->T, bf16 = a->bf16;
     if (a->ids && (!a->embed || n <= 0 ||
                    embed_rows(a->embed, a->blocks[0]->hidden, a->ids, T, a->embed_scale, a->x_in, bf16)))
         return -1;
+#ifdef _OPENMP
+    const int teamed = team_step(a, a->nthreads);
+#else
+    const int teamed = 0;
+#endif
     const void *in = a->x_in;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n && !teamed; i++) {
         void *out = (n - 1 - i) % 2 == 0 ? a->x_out : a->scratch;  // the last block writes x_out
         PROFILE_BLOCK(i);
-        if (a->sliding[i])
-            gs_gemma3_block(a->blocks[i], in, out, T, a->cos_l, a->sin_l, a->kbufs[i], a->vbufs[i], a->ring_cap,
-                            a->slots_r, a->S_r, a->mask_r, bf16, a->nthreads);
-        else
-            gs_gemma3_block(a->blocks[i], in, out, T, a->cos_f, a->sin_f, a->kbufs[i], a->vbufs[i], a->full_cap,
-                            a->slots_f, a->S_f, a->mask_f, bf16, a->nthreads);
+        const struct layer_view v = view_of(a, i);
+        gs_gemma3_block(a->blocks[i], in, out, T, v.cos, v.sin, a->kbufs[i], a->vbufs[i], v.capacity, v.slots, v.S,
+                        v.mask, bf16, a->nthreads);
         in = out;
     }
     if (a->final_norm == NULL || n == 0) return 0;
@@ -276,7 +477,7 @@ int gs_gemma3_step(const struct gs_gemma3_step *a) {
     if (!bf16) {
         gso_rms_norm(normed, a->final_norm, a->final_eps, T, H, NULL, normed);
     } else {
-        normed = (float *)malloc(sizeof(float) * (size_t)T * H);
+        normed = (float *)gs_alloc(sizeof(float) * (size_t)T * H);
         uint16_t *y = (uint16_t *)a->x_out;
         for (int t = 0; t < T; t++) {
             float *row = normed + (size_t)t * H;

@@ -2,6 +2,8 @@
 // rows over threads.
 #pragma once
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -10,6 +12,16 @@
 #include <immintrin.h>
 #define GS_AVX2 1
 #endif
+
+// malloc, or a one-line message and abort where memory has run out (instead of a crash on the NULL pointer later)
+static inline void *gs_alloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        fprintf(stderr, "gemmaspec kernels: out of memory (%zu bytes)\n", bytes);
+        abort();
+    }
+    return p;
+}
 
 // bfloat16 -> float32 is exact; float32 -> bfloat16 rounds to nearest even (NaN: 0x7fc0), as PyTorch's .to()
 static inline float bf16_to_f32(uint16_t h) {

@@ -1311,11 +1311,18 @@ static row_range_fn fixed_range_i4(int G, int f32) {
 #undef TILE8
 #undef WIDE_TILES8
 
+// A call of the int8-activation kernels: its job (x rounded to int8 in buffers of its own) and range function
+struct x8_call {
+    struct job8 jb;
+    row_range_fn fn;
+};
+
 // int4 in groups of 32, int8 in groups of 16, or int8 in groups of 32 without biases (two byte groups per scale),
-// int8 activations. best (NULL: none; M = 1): the first maximum of y, found as the rows are computed (y may then
-// be NULL: not stored)
-static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int K, const void *q, const void *s,
-                      const void *b, int g, int64_t N, float *y, int64_t *best, int nthreads) {
+// int8 activations: x rounded into the call's buffers (x8_release frees them) and the range function that computes
+// rows of y. maxima (NULL: none; M = 1): n_maxima slots for the threads' first maxima of y (y may then be NULL)
+static void x8_prepare(struct x8_call *c, int bits, int f32, int blocked, const float *x, int M, int K, const void *q,
+                       const void *s, const void *b, int g, int64_t N, float *y, struct first_max *maxima,
+                       int n_maxima) {
     const int G = K / BYTE_GROUP(bits), with_sums = b || bits == 4;
     size_t xq_step = (size_t)K, xc_step = (size_t)G, xq_stride = xq_step, xc_stride = xc_step;
     size_t xq_row = xq_step, xc_row = xc_step;  // per row of x in all
@@ -1327,32 +1334,46 @@ static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int
         xq_row = x8_blocks(G) * xq_step, xc_row = x8_blocks(G) * xc_step;
     }
 #endif
-    int8_t *xq = (int8_t *)malloc((size_t)M * xq_row);
-    float *xsc = (float *)malloc(sizeof(float) * M * (xc_row + G)), *xs = with_sums ? xsc + M * xc_row : NULL;
-    int32_t *xcorr = (int32_t *)malloc(sizeof(int32_t) * M * xc_row);
+    int8_t *xq = (int8_t *)gs_alloc((size_t)M * xq_row);
+    float *xsc = (float *)gs_alloc(sizeof(float) * M * (xc_row + G)), *xs = with_sums ? xsc + M * xc_row : NULL;
+    int32_t *xcorr = (int32_t *)gs_alloc(sizeof(int32_t) * M * xc_row);
 #ifdef GS_X8_512
     if (blocks)
         quantize_rows_blocks(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
     else
 #endif
         quantize_rows_i8(bits, x, M, K, with_sums, xq, xsc, xcorr, xs);
-    const int nt = nthreads > 1 ? nthreads : 1;
-    struct first_max *maxima = best ? (struct first_max *)malloc(sizeof(struct first_max) * nt) : NULL;
-    for (int t = 0; maxima && t < nt; t++) maxima[t] = (struct first_max){-INFINITY, 0, 0};  // (threads unused)
-    const struct job8 jb = {M, K, G, blocks, blocked, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
-                            (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y, maxima, nt};
+    c->jb = (struct job8){M, K, G, blocks, blocked, xq_step, xc_step, xq_stride, xc_stride, xq, xsc, xcorr, xs, (const char *)q, (const char *)s,
+                          (const char *)b, (size_t)(K / g) * (f32 ? 4 : 2), N, y, maxima, n_maxima};
     static const row_range_fn fns[3][2] = {
         {range_i4x8_h, range_i4x8_f}, {range_i8x8_h, range_i8x8_f}, {range_i8g32x8_h, range_i8g32x8_f}};
-    row_range_fn fn = fns[bits == 4 ? 0 : g == 16 ? 1 : 2][f32 != 0];
+    c->fn = fns[bits == 4 ? 0 : g == 16 ? 1 : 2][f32 != 0];
 #if defined(GS_X8_512) && !defined(GS_NO_FIXED_ROWS)
     // Plain decoding's int4 rows in the block layout at the group counts of common hidden sizes (K = 512 .. 2176: 640,
     // 1152, 1536, 2048 of Gemma 3 270M, 1B and Gemma 4 E2B) take a range function with G a constant (tile8_rows_i4):
     // plain int4 decoding of the default model 1.07-1.11x on two threads (0.99x once, in a slow-bandwidth phase where
     // it is memory-bound), 1.09x on one; tokens identical
     const row_range_fn fixed = M == 1 && bits == 4 && blocks && blocked ? fixed_range_i4(G, f32) : NULL;
-    if (fixed) fn = fixed;
+    if (fixed) c->fn = fixed;
 #endif
-    split_rows(fn, &jb, N, 4, N * K * M, nthreads);
+}
+
+static void x8_release(struct x8_call *c) {
+    free((void *)c->jb.xq);
+    free((void *)c->jb.xsc);
+    free((void *)c->jb.xcorr);
+}
+
+// x8_prepare's matmul, its rows split over nthreads threads. best (NULL: none; M = 1): the first maximum of y,
+// found as the rows are computed (y may then be NULL: not stored)
+static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int K, const void *q, const void *s,
+                      const void *b, int g, int64_t N, float *y, int64_t *best, int nthreads) {
+    const int nt = nthreads > 1 ? nthreads : 1;
+    struct first_max *maxima = best ? (struct first_max *)gs_alloc(sizeof(struct first_max) * nt) : NULL;
+    for (int t = 0; maxima && t < nt; t++) maxima[t] = (struct first_max){-INFINITY, 0, 0};  // (threads unused)
+    struct x8_call c;
+    x8_prepare(&c, bits, f32, blocked, x, M, K, q, s, b, g, N, y, maxima, nt);
+    split_rows(c.fn, &c.jb, N, 4, N * K * M, nthreads);
     if (maxima) {  // the ranges in order: the first with a NaN, else the first with the largest maximum
         int w = 0;
         for (int t = 1; t < nt && !maxima[w].nan; t++)
@@ -1360,9 +1381,7 @@ static void linear_x8(int bits, int f32, int blocked, const float *x, int M, int
         *best = maxima[w].at;
         free(maxima);
     }
-    free(xq);
-    free(xsc);
-    free(xcorr);
+    x8_release(&c);
 }
 
 // ---- exported ---------------------------------------------------------------------------------------
@@ -1424,8 +1443,8 @@ void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, i
         return;
     }
     const int G = K / g;
-    int16_t *xq = (int16_t *)malloc((size_t)M * K * sizeof(int16_t));
-    float *xsc = (float *)malloc((size_t)M * G * sizeof(float) * 2), *xs = b ? xsc + (size_t)M * G : NULL;
+    int16_t *xq = (int16_t *)gs_alloc((size_t)M * K * sizeof(int16_t));
+    float *xsc = (float *)gs_alloc((size_t)M * G * sizeof(float) * 2), *xs = b ? xsc + (size_t)M * G : NULL;
     quantize_rows(x, M, K, g, b != NULL, xq, xsc, xs);
     const struct job jb = {f32, M, K, G, g, xq, xsc, xs, (const char *)q, (const char *)s, (const char *)b,
                            row_bytes_of(bits, K), (size_t)G * (f32 ? 4 : 2), N, y};
@@ -1448,6 +1467,73 @@ int gsq_linear_argmax(int bits, int f32, int blocked, int x8, const float *x, in
         return 0;
     linear_x8(bits, f32, blocked, x, 1, K, q, s, b, g, N, y, best, nthreads);
     return 1;
+}
+
+// ---- one row of x over a team of threads that the caller runs (block.c's decode step) ----------------------
+// Whether gsq_team_prepare takes W (gsq_linear_argmax's kernels)
+int gsq_team_ok(int bits, int f32, int blocked, int x8, int K, int g, int has_bias) {
+    (void)f32;
+    return x8 && x8_format(bits, g, has_bias) && (!blocked || gsq_blocked(bits, K, g, has_bias));
+}
+
+// One thread: x[K] rounded for W's one-row kernel; returns the call (NULL where not gsq_team_ok). Then each thread
+// t of nt runs gsq_team_rows (split_rows' ranges: the same rows, the same bits as gsq_linear), then one thread
+// gsq_team_free.
+void *gsq_team_prepare(int bits, int f32, int blocked, int x8, const float *x, int K, const void *q, const void *s,
+                       const void *b, int g, int64_t N, float *y) {
+    if (!gsq_team_ok(bits, f32, blocked, x8, K, g, b != NULL)) return NULL;
+    struct x8_call *c = (struct x8_call *)gs_alloc(sizeof(struct x8_call));
+    x8_prepare(c, bits, f32, blocked, x, 1, K, q, s, b, g, N, y, NULL, 0);
+    return c;
+}
+
+static inline void team_range(int64_t N, int t, int nt, int64_t *r0, int64_t *r1) {
+    const int64_t blocks = (N + 3) / 4, b0 = blocks * t / nt * 4, b1 = blocks * (t + 1) / nt * 4;
+    *r0 = b0 < N ? b0 : N, *r1 = b1 < N ? b1 : N;
+}
+
+void gsq_team_rows(const void *call, int t, int nt) {
+    const struct x8_call *c = (const struct x8_call *)call;
+    int64_t r0, r1;
+    team_range(c->jb.N, t, nt, &r0, &r1);
+    if (r0 < r1) c->fn(&c->jb, r0, r1);
+}
+
+void gsq_team_free(void *call) {
+    if (!call) return;
+    x8_release((struct x8_call *)call);
+    free(call);
+}
+
+// Thread t (>= 1) of nt, while thread 0 does the small ops before W's matmul: W's first rows of thread t's range
+// (thread 1: and of thread 0's, which has no time of its own for it) into this core's L2, line by line in address
+// order with their scales and biases, until *flag >= want or max_bytes of each range's values.
+void gsq_team_prefetch(int bits, int f32, int K, const void *q, const void *s, const void *b, int g, int64_t N, int t,
+                       int nt, const int *flag, int want, size_t max_bytes) {
+    const size_t rb = bits == 4 ? (size_t)K / 2 : (size_t)K, srow = (size_t)(K / g) * (f32 ? 4 : 2);
+    const char *qs[2], *ss[2], *bs[2];
+    size_t lim[2];
+    int n = 0;
+    for (int u = t == 1 ? 0 : t; u <= t; u += t == 1 ? 1 : nt) {
+        int64_t r0, r1;
+        team_range(N, u, nt, &r0, &r1);
+        qs[n] = (const char *)q + r0 * rb, ss[n] = (const char *)s + r0 * srow;
+        bs[n] = b ? (const char *)b + r0 * srow : NULL;
+        lim[n++] = (size_t)(r1 - r0) * rb < max_bytes ? (size_t)(r1 - r0) * rb : max_bytes;
+    }
+    const size_t end = lim[0] > lim[n - 1] ? lim[0] : lim[n - 1];
+    size_t s_next = 0;
+    for (size_t off = 0; off < end; off += 64) {
+        if ((off & 511) == 0 && __atomic_load_n(flag, __ATOMIC_ACQUIRE) >= want) return;
+        for (int i = 0; i < n; i++)
+            if (off < lim[i]) __builtin_prefetch(qs[i] + off, 0, 2);
+        for (const size_t s_end = (off / rb + 1) * srow; s_next < s_end; s_next += 64)  // the rows' scales, biases
+            for (int i = 0; i < n; i++)
+                if (off < lim[i]) {
+                    __builtin_prefetch(ss[i] + s_next, 0, 2);
+                    if (bs[i]) __builtin_prefetch(bs[i] + s_next, 0, 2);
+                }
+    }
 }
 
 int gsq_max_group(void) { return MAX_GROUP; }
@@ -1554,7 +1640,7 @@ int gsq_rows(int bits, int f32, int blocked, const void *q, const void *s, const
              const int64_t *ids, int64_t R, void *out, int out_bf16) {
     for (int64_t r = 0; r < R; r++)
         if (ids[r] < 0 || ids[r] >= N) return -1;
-    float *row = out_bf16 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
+    float *row = out_bf16 ? (float *)gs_alloc(sizeof(float) * (size_t)K) : NULL;
     for (int64_t r = 0; r < R; r++) {
         if (!out_bf16) {
             deq_row(bits, f32, blocked, q, s, b, K, g, ids[r], (float *)out + (size_t)r * K);

@@ -379,74 +379,147 @@ static void merge_chunks(int n, const float *acc, const float *m, const float *l
 // The chunks' bounds do not depend on S, T or the threads, so a query's result still depends only on its own
 // valid slots (plain decoding and a verification give it bit for bit the same). The chunks' partial results are
 // held for up to ATTENTION_PARTIAL_BYTES of (token, heads) units at a time.
+struct attention_call {
+    const float *q;
+    int T, nq;
+    int64_t q_head, q_tok;
+    int hd;
+    const void *keys, *values;
+    int64_t k_head, k_slot, v_head, v_slot;
+    int nkv, S, vd;
+    const uint8_t *mask;
+    float scale;
+    float *out;
+    int kv_bf16;
+    int group, nch, per, hgroups, units, wave, threads;
+    float *acc, *pm, *pl;  // the partial results of a wave of units
+};
+
+// thread t of nt: its share of the tasks of units u0 .. u0 + nu - 1
+static void attention_tasks(const struct attention_call *a, int u0, int nu, int t, int nt) {
+    const int nch = a->nch, per = a->per, hgroups = a->hgroups, group = a->group, S = a->S, vd = a->vd;
+    const size_t eb = a->kv_bf16 ? 2 : 4;
+    for (int task = nu * nch * t / nt; task < nu * nch * (t + 1) / nt; task++) {
+        const int c = task % nch, k = task / nch, u = u0 + k;
+        const int g = u % hgroups, j = (u / hgroups) % a->nkv, t_ = u / (hgroups * a->nkv);
+        const int h0 = j * group + g * per, nh = group - g * per < per ? group - g * per : per;
+        const int s0 = c * ATTENTION_CHUNK, n = S - s0 < ATTENTION_CHUNK ? S - s0 : ATTENTION_CHUNK;
+        const void *K = (const char *)a->keys + (j * a->k_head + (int64_t)s0 * a->k_slot) * eb;
+        const void *V = (const char *)a->values + (j * a->v_head + (int64_t)s0 * a->v_slot) * eb;
+        const uint8_t *mt = a->mask ? a->mask + (size_t)t_ * S + s0 : NULL;
+        const float *qh[MAX_HEADS];
+        float *ah[MAX_HEADS];
+        for (int h = 0; h < nh; h++) {
+            qh[h] = a->q + (h0 + h) * a->q_head + t_ * a->q_tok;
+            ah[h] = a->acc + (((size_t)k * per + h) * nch + c) * vd;
+        }
+        float m[MAX_HEADS], l[MAX_HEADS] = {0};
+#define ATTEND(KB, NH) \
+    attend_chunk(KB, NH, qh, K, a->k_slot, V, a->v_slot, n > 0 ? n : 0, a->hd, vd, mt, a->scale, ah, m, l)
+        switch ((a->kv_bf16 ? 16 : 0) + nh) {  // (cache dtype, heads) as compile-time constants
+            case 20: ATTEND(16, 4); break;
+            case 19: ATTEND(16, 3); break;
+            case 18: ATTEND(16, 2); break;
+            case 17: ATTEND(16, 1); break;
+            case 4: ATTEND(32, 4); break;
+            case 3: ATTEND(32, 3); break;
+            case 2: ATTEND(32, 2); break;
+            default: ATTEND(32, 1); break;
+        }
+#undef ATTEND
+        for (int h = 0; h < nh; h++) {
+            a->pm[((size_t)k * per + h) * nch + c] = m[h];
+            a->pl[((size_t)k * per + h) * nch + c] = l[h];
+        }
+    }
+}
+
+// thread t of nt: its share of the merges of units u0 .. u0 + nu - 1, once their tasks are all done
+static void attention_merges(const struct attention_call *a, int u0, int nu, int t, int nt) {
+    const int per = a->per, hgroups = a->hgroups, group = a->group, nch = a->nch;
+    for (int kh = nu * per * t / nt; kh < nu * per * (t + 1) / nt; kh++) {
+        const int k = kh / per, h = kh % per, u = u0 + k;
+        const int g = u % hgroups, j = (u / hgroups) % a->nkv, t_ = u / (hgroups * a->nkv);
+        if (g * per + h >= group) continue;  // the last group's missing heads
+        const size_t at = (size_t)kh * nch;
+        merge_chunks(nch, a->acc + at * a->vd, a->pm + at, a->pl + at, a->vd,
+                     a->out + ((size_t)t_ * a->nq + j * group + g * per + h) * a->vd);
+    }
+}
+
+// The attention of gso_attention below as a call that a team of threads runs (gso_attention_run; block.c's decode
+// step runs it on its own team): NULL where there is nothing to compute.
+void *gso_attention_begin(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
+                          const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
+                          int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out,
+                          int kv_bf16, int nthreads) {
+    if (T <= 0 || nq <= 0) return NULL;
+    struct attention_call *a = (struct attention_call *)gs_alloc(sizeof(struct attention_call));
+    *a = (struct attention_call){q, T, nq, q_head, q_tok, hd, keys, values, k_head, k_slot, v_head, v_slot, nkv, S,
+                                 vd, mask, scale, out, kv_bf16};
+    a->group = nq / nkv, a->nch = S > 0 ? (S + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK : 1;
+    // a unit: up to `per` query heads of one KV head for one token; a task: a unit over one chunk. Threads only pay
+    // off for long contexts; then fewer heads per unit where there would be fewer tasks than threads (the same
+    // result either way).
+    a->threads = (int64_t)S * T * nq * hd > ATTENTION_THREADED_WORK ? nthreads : 1;
+    int per = a->group < MAX_HEADS ? a->group : MAX_HEADS;
+    while (per > 1 && (int64_t)T * nkv * a->nch * ((a->group + per - 1) / per) < a->threads) per = (per + 1) / 2;
+    a->per = per, a->hgroups = (a->group + per - 1) / per, a->units = T * nkv * a->hgroups;
+    const size_t unit_floats = (size_t)per * a->nch * (vd + 2);  // per head and chunk: values, largest score, sum
+    int wave = (int)(ATTENTION_PARTIAL_BYTES / (unit_floats * sizeof(float)));
+    a->wave = wave < 1 ? 1 : wave > a->units ? a->units : wave;
+    a->acc = (float *)gs_alloc(sizeof(float) * unit_floats * a->wave);
+    a->pm = a->acc + (size_t)a->wave * per * a->nch * vd, a->pl = a->pm + (size_t)a->wave * per * a->nch;
+    return a;
+}
+
+// Every thread t of a team of nt runs this; sync(ctx) waits for the whole team (the tasks' partial results before
+// their merge). Threads past the call's own count (gso_attention_begin's nthreads, or 1 for a short context) only
+// wait.
+void gso_attention_run(const void *call, int t, int nt, void (*sync)(void *), void *ctx) {
+    const struct attention_call *a = (const struct attention_call *)call;
+    const int used = a->threads < nt ? a->threads : nt;
+    for (int u0 = 0; u0 < a->units; u0 += a->wave) {
+        const int nu = a->units - u0 < a->wave ? a->units - u0 : a->wave;
+        if (t < used) attention_tasks(a, u0, nu, t, used);
+        sync(ctx);
+        if (t < used) attention_merges(a, u0, nu, t, used);
+        if (u0 + a->wave < a->units) sync(ctx);  // (the next wave writes the same partials)
+    }
+}
+
+void gso_attention_end(void *call) {
+    if (!call) return;
+    free(((struct attention_call *)call)->acc);
+    free(call);
+}
+
+static void omp_sync(void *ctx) {
+    (void)ctx;
+#pragma omp barrier
+}
+
 void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
                    const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
                    int64_t v_slot, int nkv, int S, int vd, const uint8_t *mask, float scale, float *out, int kv_bf16,
                    int nthreads) {
-    if (T <= 0 || nq <= 0) return;
-    const int group = nq / nkv, nch = S > 0 ? (S + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK : 1;
-    const size_t eb = kv_bf16 ? 2 : 4;
-    // a unit: up to `per` query heads of one KV head for one token; a task: a unit over one chunk. Threads only pay
-    // off for long contexts; then fewer heads per unit where there would be fewer tasks than threads (the same
-    // result either way).
-    const int threads = (int64_t)S * T * nq * hd > ATTENTION_THREADED_WORK ? nthreads : 1;
-    int per = group < MAX_HEADS ? group : MAX_HEADS;
-    while (per > 1 && (int64_t)T * nkv * nch * ((group + per - 1) / per) < threads) per = (per + 1) / 2;
-    const int hgroups = (group + per - 1) / per, units = T * nkv * hgroups;
-    const size_t unit_floats = (size_t)per * nch * (vd + 2);  // per head and chunk: values, largest score, sum
-    int wave = (int)(ATTENTION_PARTIAL_BYTES / (unit_floats * sizeof(float)));
-    wave = wave < 1 ? 1 : wave > units ? units : wave;
-    float *acc = (float *)malloc(sizeof(float) * unit_floats * wave);
-    float *pm = acc + (size_t)wave * per * nch * vd, *pl = pm + (size_t)wave * per * nch;
-    for (int u0 = 0; u0 < units; u0 += wave) {
-        const int nu = units - u0 < wave ? units - u0 : wave;
+    void *call = gso_attention_begin(q, T, nq, q_head, q_tok, hd, keys, k_head, k_slot, values, v_head, v_slot, nkv,
+                                     S, vd, mask, scale, out, kv_bf16, nthreads);
+    if (!call) return;
+    const int threads = ((const struct attention_call *)call)->threads;
+    if (threads <= 1) {
+        gso_attention_run(call, 0, 1, omp_sync, NULL);  // (an orphaned barrier outside a team: nothing)
+    } else {
 #pragma omp parallel num_threads(threads)
         {
-#pragma omp for schedule(static)
-            for (int task = 0; task < nu * nch; task++) {
-                const int c = task % nch, k = task / nch, u = u0 + k;
-                const int g = u % hgroups, j = (u / hgroups) % nkv, t = u / (hgroups * nkv);
-                const int h0 = j * group + g * per, nh = group - g * per < per ? group - g * per : per;
-                const int s0 = c * ATTENTION_CHUNK, n = S - s0 < ATTENTION_CHUNK ? S - s0 : ATTENTION_CHUNK;
-                const void *K = (const char *)keys + (j * k_head + (int64_t)s0 * k_slot) * eb;
-                const void *V = (const char *)values + (j * v_head + (int64_t)s0 * v_slot) * eb;
-                const uint8_t *mt = mask ? mask + (size_t)t * S + s0 : NULL;
-                const float *qh[MAX_HEADS];
-                float *ah[MAX_HEADS];
-                for (int h = 0; h < nh; h++) {
-                    qh[h] = q + (h0 + h) * q_head + t * q_tok;
-                    ah[h] = acc + (((size_t)k * per + h) * nch + c) * vd;
-                }
-                float m[MAX_HEADS], l[MAX_HEADS] = {0};
-#define ATTEND(KB, NH) attend_chunk(KB, NH, qh, K, k_slot, V, v_slot, n > 0 ? n : 0, hd, vd, mt, scale, ah, m, l)
-                switch ((kv_bf16 ? 16 : 0) + nh) {  // (cache dtype, heads) as compile-time constants
-                    case 20: ATTEND(16, 4); break;
-                    case 19: ATTEND(16, 3); break;
-                    case 18: ATTEND(16, 2); break;
-                    case 17: ATTEND(16, 1); break;
-                    case 4: ATTEND(32, 4); break;
-                    case 3: ATTEND(32, 3); break;
-                    case 2: ATTEND(32, 2); break;
-                    default: ATTEND(32, 1); break;
-                }
-#undef ATTEND
-                for (int h = 0; h < nh; h++) {
-                    pm[((size_t)k * per + h) * nch + c] = m[h];
-                    pl[((size_t)k * per + h) * nch + c] = l[h];
-                }
-            }
-#pragma omp for schedule(static)
-            for (int kh = 0; kh < nu * per; kh++) {
-                const int k = kh / per, h = kh % per, u = u0 + k;
-                const int g = u % hgroups, j = (u / hgroups) % nkv, t = u / (hgroups * nkv);
-                if (g * per + h >= group) continue;  // the last group's missing heads
-                const size_t at = (size_t)kh * nch;
-                merge_chunks(nch, acc + at * vd, pm + at, pl + at, vd,
-                             out + ((size_t)t * nq + j * group + g * per + h) * vd);
-            }
+#ifdef _OPENMP
+            gso_attention_run(call, omp_get_thread_num(), omp_get_num_threads(), omp_sync, NULL);
+#else
+            gso_attention_run(call, 0, 1, omp_sync, NULL);
+#endif
         }
     }
-    free(acc);
+    gso_attention_end(call);
 }
 
 // ---- GeGLU -------------------------------------------------------------------------------------------------
@@ -545,9 +618,9 @@ static int64_t argmax_span(const float *row, int64_t i0, int64_t i1, float *best
 void gso_argmax(const float *x, int R, int64_t n, int64_t *out, int nthreads) {
     if (R <= 0 || n <= 0) return;
     const int chunks = n >= ARGMAX_THREADED_N ? ARGMAX_CHUNKS : 1, tasks = R * chunks;
-    int64_t *at = (int64_t *)malloc(sizeof(int64_t) * (size_t)tasks);
-    float *best = (float *)malloc(sizeof(float) * (size_t)tasks);
-    int *nan = (int *)malloc(sizeof(int) * (size_t)tasks);
+    int64_t *at = (int64_t *)gs_alloc(sizeof(int64_t) * (size_t)tasks);
+    float *best = (float *)gs_alloc(sizeof(float) * (size_t)tasks);
+    int *nan = (int *)gs_alloc(sizeof(int) * (size_t)tasks);
 #pragma omp parallel for schedule(static) num_threads(chunks > 1 ? nthreads : 1)
     for (int task = 0; task < tasks; task++) {
         const int r = task / chunks, c = task % chunks;
