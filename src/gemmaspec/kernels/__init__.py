@@ -325,6 +325,8 @@ class Kernels:
         out = (ctypes.c_int64 * steps)()
         if isinstance(stop_ids, torch.Tensor):
             stop_ids = stop_ids.to(torch.int64).contiguous()
+            if stop_ids.numel() > 1 and not bool((stop_ids[1:] >= stop_ids[:-1]).all()):
+                stop_ids = stop_ids.sort().values  # (the C loop binary-searches them)
             stops = ctypes.c_void_p(stop_ids.data_ptr() if stop_ids.numel() else None)
         else:
             stops = (ctypes.c_int64 * max(len(stop_ids), 1))(*stop_ids)

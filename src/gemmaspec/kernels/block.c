@@ -305,12 +305,14 @@ long gs_team_steps;       // the steps run on a team (tests)
 struct team {
     void *call;  // the matmul thread 0 prepared
     int serial;  // thread 0's small-op phases done (the helpers prefetch until it reaches theirs)
-    int arrived, round;  // team_sync's
     float *h, *qkv, *attn, *gu, *act, *wide;
+    _Alignas(64) int arrived;  // team_sync's, a cache line of their own (the waiters spin on it)
+    int round;
 };
 
-// Every thread of the team waits here for the others. A spinning barrier: the threads are one per core and wait
-// for microseconds at most (OpenMP's barrier: ~0.5 us on Zen 4); after ~20k spins (~0.3 ms) it yields the core.
+// Every thread of the team waits here for the others. A spinning barrier: the team has at most one thread per
+// processor (team_step) and a wait lasts microseconds (OpenMP's barrier: ~0.5 us on Zen 4); past ~2000 spins
+// (~40 us: another process holds the core) it yields the core at every check.
 static void team_sync(struct team *tm, int nt, int *round) {
 #ifdef GS_TEAM_OMP_BARRIER
     (void)tm, (void)nt, (void)round;
@@ -323,7 +325,7 @@ static void team_sync(struct team *tm, int nt, int *round) {
         return;
     }
     for (long spins = 0; __atomic_load_n(&tm->round, __ATOMIC_ACQUIRE) != next; spins++) {
-        if (spins > 20000) sched_yield();
+        if (spins > 2000) sched_yield();
 #ifdef GS_AVX2
         _mm_pause();
 #endif
@@ -418,7 +420,8 @@ static void team_block(const struct gs_gemma3_block *b, const void *x_in, void *
 
 // The blocks of step a on one team, as above; 0 where that does not apply (nothing computed)
 static int team_step(const struct gs_gemma3_step *a, int nthreads) {
-    if (!gs_team_decode || a->T != 1 || nthreads < 2 || a->n <= 0) return 0;
+    // (more threads than processors: a spinning wait holds the core the awaited thread needs, 10-50x slower steps)
+    if (!gs_team_decode || a->T != 1 || nthreads < 2 || nthreads > omp_get_num_procs() || a->n <= 0) return 0;
     size_t H = 0, rows = 0, q = 0, I = 0;  // the buffers' sizes: the largest of any block
     for (int i = 0; i < a->n; i++) {
         const struct gs_gemma3_block *b = a->blocks[i];
@@ -430,7 +433,7 @@ static int team_step(const struct gs_gemma3_step *a, int nthreads) {
         rows = (size_t)row > rows ? (size_t)row : rows, I = (size_t)b->inter > I ? (size_t)b->inter : I;
     }
     float *buf = (float *)gs_alloc(sizeof(float) * (3 * H + rows + q + 3 * I));
-    struct team tm = {NULL, 0, 0, 0, buf, NULL, NULL, NULL, NULL, NULL};
+    struct team tm = {.h = buf};
     tm.qkv = tm.h + H, tm.attn = tm.qkv + rows, tm.gu = tm.attn + q, tm.act = tm.gu + 2 * I, tm.wide = tm.act + I;
 #pragma omp parallel num_threads(nthreads)
     {

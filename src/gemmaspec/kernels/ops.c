@@ -455,8 +455,10 @@ void *gso_attention_begin(const float *q, int T, int nq, int64_t q_head, int64_t
                           int kv_bf16, int nthreads) {
     if (T <= 0 || nq <= 0) return NULL;
     struct attention_call *a = (struct attention_call *)gs_alloc(sizeof(struct attention_call));
-    *a = (struct attention_call){q, T, nq, q_head, q_tok, hd, keys, values, k_head, k_slot, v_head, v_slot, nkv, S,
-                                 vd, mask, scale, out, kv_bf16};
+    *a = (struct attention_call){.q = q, .T = T, .nq = nq, .q_head = q_head, .q_tok = q_tok, .hd = hd, .keys = keys,
+                                 .values = values, .k_head = k_head, .k_slot = k_slot, .v_head = v_head,
+                                 .v_slot = v_slot, .nkv = nkv, .S = S, .vd = vd, .mask = mask, .scale = scale,
+                                 .out = out, .kv_bf16 = kv_bf16};
     a->group = nq / nkv, a->nch = S > 0 ? (S + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK : 1;
     // a unit: up to `per` query heads of one KV head for one token; a task: a unit over one chunk. Threads only pay
     // off for long contexts; then fewer heads per unit where there would be fewer tasks than threads (the same
@@ -494,10 +496,14 @@ void gso_attention_end(void *call) {
     free(call);
 }
 
+#ifdef _OPENMP
 static void omp_sync(void *ctx) {
     (void)ctx;
 #pragma omp barrier
 }
+#endif
+
+static void no_sync(void *ctx) { (void)ctx; }  // one thread (an orphaned barrier would bind to a caller's team)
 
 void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok, int hd,
                    const void *keys, int64_t k_head, int64_t k_slot, const void *values, int64_t v_head,
@@ -508,14 +514,14 @@ void gso_attention(const float *q, int T, int nq, int64_t q_head, int64_t q_tok,
     if (!call) return;
     const int threads = ((const struct attention_call *)call)->threads;
     if (threads <= 1) {
-        gso_attention_run(call, 0, 1, omp_sync, NULL);  // (an orphaned barrier outside a team: nothing)
+        gso_attention_run(call, 0, 1, no_sync, NULL);
     } else {
 #pragma omp parallel num_threads(threads)
         {
 #ifdef _OPENMP
             gso_attention_run(call, omp_get_thread_num(), omp_get_num_threads(), omp_sync, NULL);
 #else
-            gso_attention_run(call, 0, 1, omp_sync, NULL);
+            gso_attention_run(call, 0, 1, no_sync, NULL);
 #endif
         }
     }
