@@ -41,7 +41,7 @@ void gso_step_views(const int64_t *slot_pos, int64_t ring, int64_t window, int64
                     uint8_t *mask_r, int64_t *slots_f, uint8_t *mask_f);
 int gsq_rows(int bits, int f32, int blocked, const void *q, const void *s, const void *b, int K, int g, int64_t N,
              const int64_t *ids, int64_t R, void *out, int out_bf16);
-int gsq_team_ok(int bits, int f32, int blocked, int x8, int K, int g, int has_bias);
+int gsq_team_ok(int bits, int blocked, int x8, int K, int g, int has_bias);
 void *gsq_team_prepare(int bits, int f32, int blocked, int x8, const float *x, int K, const void *q, const void *s,
                        const void *b, int g, int64_t N, float *y);
 void gsq_team_rows(const void *call, int t, int nt);
@@ -335,7 +335,7 @@ static void team_sync(struct team *tm, int nt, int *round) {
 
 static int team_ok(const struct gs_weight *w, int K, int bf16) {
     return (w->kind == 4 || w->kind == 8) &&
-           gsq_team_ok(w->kind, w->f32, w->blocked, bf16 || w->blocked, K, w->group, w->b != NULL);
+           gsq_team_ok(w->kind, w->blocked, bf16 || w->blocked, K, w->group, w->b != NULL);
 }
 
 struct team_sync_args {

@@ -63,13 +63,18 @@ static inline float hsum(__m256 v) {
 // ranges are arguments of fn, not fields of an OpenMP closure (GCC reloads those inside hot loops: 1.5x slower).
 typedef void (*row_range_fn)(const void *ctx, int64_t begin, int64_t end);
 
+// thread t of nt's rows [*r0, *r1) of n: a contiguous range, multiples of `align` (split_rows' split)
+static inline void row_range(int64_t n, int64_t align, int64_t t, int64_t nt, int64_t *r0, int64_t *r1) {
+    const int64_t blocks = (n + align - 1) / align, b0 = blocks * t / nt * align, b1 = blocks * (t + 1) / nt * align;
+    *r0 = b0 < n ? b0 : n, *r1 = b1 < n ? b1 : n;
+}
+
 static inline void split_rows(row_range_fn fn, const void *ctx, int64_t n, int64_t align, int64_t work, int nthreads) {
     const int threads = work > (1 << 19) ? nthreads : 1;
     if (threads <= 1) {
         fn(ctx, 0, n);
         return;
     }
-    const int64_t blocks = (n + align - 1) / align;
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
@@ -77,7 +82,8 @@ static inline void split_rows(row_range_fn fn, const void *ctx, int64_t n, int64
 #else
         const int64_t t = 0, nt = 1;
 #endif
-        const int64_t b0 = blocks * t / nt * align, b1 = blocks * (t + 1) / nt * align;
-        fn(ctx, b0, b1 < n ? b1 : n);
+        int64_t r0, r1;
+        row_range(n, align, t, nt, &r0, &r1);
+        fn(ctx, r0, r1);
     }
 }

@@ -1457,45 +1457,38 @@ void gsq_linear(int bits, int f32, int blocked, int x8, const float *x, int M, i
     free(xsc);
 }
 
+// Whether W has the one-row int8-activation kernels that gsq_linear_argmax and gsq_team_prepare take
+int gsq_team_ok(int bits, int blocked, int x8, int K, int g, int has_bias) {
+    return x8 && x8_format(bits, g, has_bias) && (!blocked || gsq_blocked(bits, K, g, has_bias));
+}
+
 // gsq_linear for one row of x that also gives *best = the first maximum of y (torch.argmax: the first NaN, else
 // the first largest value), found while the rows are computed (a decode step's LM head: no pass over 1 MB of
 // cold logits after it); y may be NULL (not stored). Returns 0 where W's kernel has no such path (nothing
 // computed: take gsq_linear and an argmax).
 int gsq_linear_argmax(int bits, int f32, int blocked, int x8, const float *x, int K, const void *q, const void *s,
                       const void *b, int g, int64_t N, float *y, int64_t *best, int nthreads) {
-    if (N <= 0 || !(x8 && x8_format(bits, g, b != NULL)) || (blocked && !gsq_blocked(bits, K, g, b != NULL)))
-        return 0;
+    if (N <= 0 || !gsq_team_ok(bits, blocked, x8, K, g, b != NULL)) return 0;
     linear_x8(bits, f32, blocked, x, 1, K, q, s, b, g, N, y, best, nthreads);
     return 1;
 }
 
 // ---- one row of x over a team of threads that the caller runs (block.c's decode step) ----------------------
-// Whether gsq_team_prepare takes W (gsq_linear_argmax's kernels)
-int gsq_team_ok(int bits, int f32, int blocked, int x8, int K, int g, int has_bias) {
-    (void)f32;
-    return x8 && x8_format(bits, g, has_bias) && (!blocked || gsq_blocked(bits, K, g, has_bias));
-}
-
 // One thread: x[K] rounded for W's one-row kernel; returns the call (NULL where not gsq_team_ok). Then each thread
 // t of nt runs gsq_team_rows (split_rows' ranges: the same rows, the same bits as gsq_linear), then one thread
 // gsq_team_free.
 void *gsq_team_prepare(int bits, int f32, int blocked, int x8, const float *x, int K, const void *q, const void *s,
                        const void *b, int g, int64_t N, float *y) {
-    if (!gsq_team_ok(bits, f32, blocked, x8, K, g, b != NULL)) return NULL;
+    if (!gsq_team_ok(bits, blocked, x8, K, g, b != NULL)) return NULL;
     struct x8_call *c = (struct x8_call *)gs_alloc(sizeof(struct x8_call));
     x8_prepare(c, bits, f32, blocked, x, 1, K, q, s, b, g, N, y, NULL, 0);
     return c;
 }
 
-static inline void team_range(int64_t N, int t, int nt, int64_t *r0, int64_t *r1) {
-    const int64_t blocks = (N + 3) / 4, b0 = blocks * t / nt * 4, b1 = blocks * (t + 1) / nt * 4;
-    *r0 = b0 < N ? b0 : N, *r1 = b1 < N ? b1 : N;
-}
-
 void gsq_team_rows(const void *call, int t, int nt) {
     const struct x8_call *c = (const struct x8_call *)call;
     int64_t r0, r1;
-    team_range(c->jb.N, t, nt, &r0, &r1);
+    row_range(c->jb.N, QR, t, nt, &r0, &r1);
     if (r0 < r1) c->fn(&c->jb, r0, r1);
 }
 
@@ -1516,7 +1509,7 @@ void gsq_team_prefetch(int bits, int f32, int K, const void *q, const void *s, c
     int n = 0;
     for (int u = t == 1 ? 0 : t; u <= t; u += t == 1 ? 1 : nt) {
         int64_t r0, r1;
-        team_range(N, u, nt, &r0, &r1);
+        row_range(N, QR, u, nt, &r0, &r1);
         qs[n] = (const char *)q + r0 * rb, ss[n] = (const char *)s + r0 * srow;
         bs[n] = b ? (const char *)b + r0 * srow : NULL;
         lim[n++] = (size_t)(r1 - r0) * rb < max_bytes ? (size_t)(r1 - r0) * rb : max_bytes;
