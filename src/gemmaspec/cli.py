@@ -20,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser, drafter_default: str = "auto") -
     p.add_argument("--weights", default="auto", choices=["auto", "float", "bf16", "int8", "int4"],
                    help="how weights are held in memory (auto keeps a quantized file's precision where fast)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: PyTorch's choice, capped by a container's CPU quota)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int = 128) -> None:
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"generate": cmd_generate, "chat": cmd_chat}
     handler = handlers.get(args.command) or getattr(args, "func", None)
     try:
+        from .cpu_threads import configure_threads
+
+        configure_threads(getattr(args, "threads", None))
         return handler(args) or 0
     except GemmaspecError as e:
         if args.debug:

@@ -30,7 +30,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait (default 256); more get 503")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="chat reply length when a request sets no max_tokens (default 1024)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: PyTorch's choice)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning; info logs each request)", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -74,12 +73,6 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise GemmaspecError(f"the server needs fastapi and uvicorn ({e.name} is missing)") from None
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise GemmaspecError(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     engine = _load_engine(args)
     name = args.served_model_name or served_model_name(args.model)
     app = build_app(engine, name, aliases=(args.model, "default") if args.model == "default" else (args.model,),

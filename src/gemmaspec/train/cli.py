@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-positions", type=int, default=256, help="anchor positions per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's choice, capped by a container's CPU quota)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-generated", type=int, default=0,
@@ -59,8 +59,6 @@ def cmd_train_drafter(args) -> int:
     from .corpus import build_corpus, interleave
     from .teacher import build_shards, frequent_tokens, mixed_frequencies, token_frequencies
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = out / "work"
     if out.exists() and any(out.iterdir()) and not args.resume and not (work / "run.json").exists():
