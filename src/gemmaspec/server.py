@@ -74,6 +74,7 @@ def cmd_serve(args) -> int:
         raise GemmaspecError(f"the server needs fastapi and uvicorn ({e.name} is missing)") from None
 
     engine = _load_engine(args)
+    engine.tokenizer.ids_that_may_end([])  # the vocabulary's token texts (~0.2 s) now, not in the first stop request
     name = args.served_model_name or served_model_name(args.model)
     app = build_app(engine, name, aliases=(args.model, "default") if args.model == "default" else (args.model,),
                     api_key=args.api_key, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
