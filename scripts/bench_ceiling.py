@@ -70,6 +70,38 @@ def main() -> None:
         if rows[k]:
             ratios = [a / b for a, b in zip(rows[k], rows["sum_1g"])]
             print(f"{k} over the 1 GiB sum timed next to it: median {statistics.median(ratios):.0%}")
+    hot_matmul_rate(target.model)
+
+
+def hot_matmul_rate(model) -> None:
+    """One thread's rate over the first block's qkv matrix held in its L2 (called again and again): how fast a
+    core computes this format's one-row matmul when memory is not in the way."""
+    from gemmaspec import kernels
+
+    w = model.layers[0].qkv_proj.qweight
+    fast = kernels.load()
+    if w is None or fast is None:
+        return
+    x = torch.randn(1, w.in_features)
+    x8 = model.dtype == torch.bfloat16  # as the decode step computes it
+    nbytes = sum(t.numel() * t.element_size() for t in (w.q, w.scales, w.bias) if t is not None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(50):
+            fast.linear(w, x, x8=x8)
+        best = min(timed_calls(lambda: fast.linear(w, x, x8=x8), 100) for _ in range(20))
+    finally:
+        torch.set_num_threads(threads)
+    print(f"one thread, the first block's qkv matrix ({w.out_features} x {w.in_features}, {nbytes / 1e3:.0f} KB) "
+          f"hot in its cache: {best * 1e6:.1f} us a call, {nbytes / best / 1e9:.1f} GB/s of weights")
+
+
+def timed_calls(fn, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
 
 
 if __name__ == "__main__":

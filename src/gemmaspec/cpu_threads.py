@@ -2,10 +2,9 @@
 
 PyTorch and OpenMP count the processors a process may run on, not the CPU time its cgroup allows: in a container
 started with `--cpus=1` on a 2-core machine they take two threads, and every barrier of a decode step then waits
-for a thread the quota has put to sleep. Measured here (default model, plain decoding, a cgroup v1 quota of one
-CPU on the 2-core VM): int4 weights 63 tok/s on two threads against 103 on one, bf16 28-33 against 38-40.
-The cap takes whole CPUs of the quota (rounded down, at least one) for the same reason: a thread that only gets
-part of a CPU holds up the others at each barrier.
+for a thread the quota has paused (this VM, a cgroup v1 quota of one CPU, `gemmaspec generate` with int4 weights:
+68-70 tok/s on two threads, 108-110 capped at one). The cap takes whole CPUs of the quota (rounded down, at least
+one) for the same reason: a thread that only gets part of a CPU holds up the others at each barrier.
 """
 
 from __future__ import annotations
@@ -17,42 +16,69 @@ from pathlib import Path
 from .errors import GemmaspecError
 
 
-def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
-    """CPUs' worth of time per period that this process's cgroups allow (the tightest limit on the path from the
-    process's own cgroup up to the root, cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`),
-    or None where no quota is set or none can be read."""
+def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", mountinfo: str = "/proc/self/mountinfo") -> float | None:
+    """CPUs' worth of time per period that this process's cgroups allow: the tightest limit from the process's own
+    cgroup up to the top of the hierarchy that this process sees (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` /
+    `cpu.cfs_period_us`), or None where none is set or none can be read."""
     try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
+        groups = Path(proc_cgroup).read_text().splitlines()
+        mounts = list(_cgroup_mounts(Path(mountinfo).read_text().splitlines()))
+    except (OSError, ValueError):
         return None
     limits = []
-    for line in lines:
+    for line in groups:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, path = parts
-        if controllers == "":  # v2: one unified hierarchy
-            limits += [q for q in (_v2_limit(d) for d in _dirs(Path(root), path)) if q is not None]
-        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
-            base = next((Path(root) / name for name in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu")
-                         if (Path(root) / name).is_dir()), None)
-            if base is not None:
-                limits += [q for q in (_v1_limit(d) for d in _dirs(base, path)) if q is not None]
+        v2 = controllers == ""
+        if not v2 and "cpu" not in controllers.split(","):
+            continue
+        for root, point, options in mounts:
+            if v2 == (options is None) and (v2 or "cpu" in options):
+                for folder in _folders(root, point, path):
+                    limit = _v2_limit(folder) if v2 else _v1_limit(folder)
+                    if limit is not None:
+                        limits.append(limit)
     return min(limits) if limits else None
 
 
-def _dirs(base: Path, path: str) -> list[Path]:
-    """The cgroup's folder and its parents up to `base` (a namespaced path may not exist: then its parents)."""
-    out = [base]
-    for part in filter(None, path.strip("/").split("/")):
-        out.append(out[-1] / part)
-    return [d for d in out if d.is_dir()]
+def _cgroup_mounts(lines: list[str]):
+    """(root, mount point, super options or None for cgroup v2) of each cgroup mount in /proc/self/mountinfo
+    (fields: id parent dev root point options [optional...] - fstype source super-options)."""
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 3:
+            continue
+        root, point = _unescape(fields[3]), _unescape(fields[4])
+        if tail[0] == "cgroup2":
+            yield root, point, None
+        elif tail[0] == "cgroup":
+            yield root, point, set(tail[2].split(","))
+
+
+def _unescape(field: str) -> str:  # mountinfo writes space, tab, newline and backslash as octal escapes
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def _folders(root: str, point: str, path: str) -> list[Path]:
+    """The folders of cgroup `path` and of its parents, down to the mount's top, where the mount (its `root`
+    within the hierarchy, at `point`) shows them: a container sees its own cgroup as the top of the mount."""
+    root, path = root.rstrip("/"), path.rstrip("/")
+    parts = path[len(root):].split("/")
+    if (path != root and not path.startswith(root + "/")) or ".." in parts:
+        return []  # a mount of another part of the hierarchy, or a cgroup outside this namespace's view
+    folders = [Path(point)]
+    for part in filter(None, parts):
+        folders.append(folders[-1] / part)
+    return [f for f in folders if f.is_dir()]
 
 
 def _v2_limit(folder: Path) -> float | None:
     try:
         quota, period = (folder / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
     except (OSError, ValueError):
         return None
 
@@ -81,7 +107,11 @@ def configure_threads(requested: int | None) -> int:
     if requested:
         torch.set_num_threads(requested)
     elif not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
-        capped = quota_threads(torch.get_num_threads(), cpu_quota())
+        try:
+            quota = cpu_quota()
+        except Exception:  # an unusual /proc or cgroup tree must not stop a command: no cap
+            quota = None
+        capped = quota_threads(torch.get_num_threads(), quota)
         if capped != torch.get_num_threads():
             torch.set_num_threads(capped)
     return torch.get_num_threads()

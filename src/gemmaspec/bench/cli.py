@@ -69,7 +69,8 @@ def command_line(args) -> str:
               "--out", args.out, "--repeats", str(args.repeats), "--model", args.model, "--dtype", args.dtype,
               "--weights", args.weights, "--device", args.device, "--draft-tokens", str(args.draft_tokens)]
     for flag, value in (("--categories", args.categories), ("--limit", args.limit), ("--peers", args.peers),
-                        ("--endpoint", args.endpoint), ("--endpoint-model", args.endpoint_model)):
+                        ("--endpoint", args.endpoint), ("--endpoint-model", args.endpoint_model),
+                        ("--threads", args.threads)):
         if value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
