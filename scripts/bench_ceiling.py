@@ -30,7 +30,6 @@ def main() -> None:
 
     from gemmaspec.drafters import make_drafter
     from gemmaspec.engine import Engine
-    from gemmaspec.hugepages import huge_buffer
     from gemmaspec.quant import weight_bytes
 
     target, _ = bw.load_format(args.weights)
@@ -38,18 +37,9 @@ def main() -> None:
     nbytes = weight_bytes(target.model)
     reader = bw.weight_reader(engine.model)
 
-    def buffer(size: int) -> torch.Tensor:  # initialised (an empty tensor reads the zero page), in huge pages
-        held = huge_buffer(size)
-        x = held.view(torch.float32) if held is not None else torch.empty(size // 4)
-        return x.copy_(torch.randn(x.numel()))
-
-    same, big = buffer(nbytes), buffer(2**30)
+    same, big = bw.filled_buffer(nbytes), bw.filled_buffer(2**30)
     engine.generate(bw.PROMPTS[0], max_new_tokens=4)
-
-    def timed(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
+    timed = bw._timed
 
     rows: dict[str, list[float]] = {k: [] for k in ("limit", "sum_1g", "sum_same", "read_pass", "decode")}
     print(f"{args.weights}: {nbytes / 1e6:.1f} MB of weights per token; GB/s, one line per round (last prompt)")

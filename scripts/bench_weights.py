@@ -76,15 +76,20 @@ def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 9) -> float:
     The best of several passes: the limit the hardware allows, as the weight reads would see it. In 2 MB pages
     where the system gives them, as the weights are held (gemmaspec.hugepages): through 4 KB pages the same pass
     read up to 1.4x slower here, a limit the weights in huge pages could pass."""
-    from gemmaspec.hugepages import huge_buffer
-
-    n = megabytes * 2**20 // 4
-    held = huge_buffer(n * 4)
-    x = held.view(torch.float32) if held is not None else torch.empty(n)
-    x.copy_(torch.randn(n))
+    x = filled_buffer(megabytes * 2**20)
     x.sum()
     best = min(_timed(x.sum) for _ in range(repeats))
     return x.numel() * 4 / best / 1e9
+
+
+def filled_buffer(nbytes: int) -> torch.Tensor:
+    """float32 values over `nbytes`, initialised (an empty tensor reads the zero page), in 2 MB pages where the
+    system gives them."""
+    from gemmaspec.hugepages import huge_buffer
+
+    held = huge_buffer(nbytes)
+    x = held.view(torch.float32) if held is not None else torch.empty(nbytes // 4)
+    return x.copy_(torch.randn(x.numel()))
 
 
 def weight_reader(model):
