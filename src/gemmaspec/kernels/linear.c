@@ -1503,7 +1503,7 @@ void gsq_team_free(void *call) {
 // order with their scales and biases, until *flag >= want or max_bytes of each range's values.
 void gsq_team_prefetch(int bits, int f32, int K, const void *q, const void *s, const void *b, int g, int64_t N, int t,
                        int nt, const int *flag, int want, size_t max_bytes) {
-    const size_t rb = bits == 4 ? (size_t)K / 2 : (size_t)K, srow = (size_t)(K / g) * (f32 ? 4 : 2);
+    const size_t rb = row_bytes_of(bits, K), srow = (size_t)(K / g) * (f32 ? 4 : 2);
     const char *qs[2], *ss[2], *bs[2];
     size_t lim[2];
     int n = 0;
